@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up ./.venv and trains + evaluates SASRec on the embedded default, MovieLens-100K
+# (from the RecBole wheel), printing a progress bar and the final HR/NDCG/MRR table.
+# Extra arguments are passed to launch/train.py (e.g. --config.train.num_epochs=20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup_venv.sh
+. .venv/bin/activate
+WORKDIR="${WORKDIR:-$HOME/runs/sasrec_ml100k_demo}"
+python launch/train.py --config configs/sasrec/ml100k.py --workdir "$WORKDIR" \
+  --alsologtostderr=false "$@"

@@ -1,0 +1,5 @@
+"""Errors raised by the data readers."""
+
+
+class DataFormatError(ValueError):
+  """Malformed input; message names file:line."""

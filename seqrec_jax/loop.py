@@ -1,0 +1,275 @@
+"""`train_and_evaluate(config, workdir)`: the sharded train / early-stop / test loop.
+
+The launcher (`launch/train.py`) only parses flags and calls this; tests call it directly.
+
+Resumption is exact: the checkpoint holds the train state (whose rng and step fix every dropout
+mask), the data iterator's position and the early-stopping bookkeeping, so a run stopped at step N
+and relaunched with the same command ends with exactly the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from seqrec_jax import checkpointing
+from seqrec_jax import data as data_lib
+from seqrec_jax import metrics as metrics_lib
+from seqrec_jax import models
+from seqrec_jax import optim
+from seqrec_jax import sharding
+from seqrec_jax import train_state as ts
+from seqrec_jax.config_check import validate_config
+from seqrec_jax.writers import MetricWriter
+
+RESULTS_FILE = "results.json"
+
+
+def load_split(config: ml_collections.ConfigDict) -> data_lib.LeaveOneOutSplit:
+  """Reads the dataset named by `config.data` and splits it leave-one-out."""
+  d = config.data
+  kwargs = {}
+  if d.format == "amazon":
+    kwargs = dict(reviews_path=d.path, meta_path=d.get("meta_path", None) or None,
+                  k_core=d.get("k_core", 5))
+  dataset = data_lib.load_dataset(d.format, d.path, name=d.get("name", ""), **kwargs)
+  logging.info("dataset %s", dataset.summary())
+  return data_lib.leave_one_out(dataset, short_users=d.short_users)
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Full-ranking evaluation of one split stage over all evaluated users, sharded."""
+  split: Any
+  partitioner: sharding.Partitioner
+  step_fn: Any
+  max_len: int
+  batch_size: int
+  ks: tuple
+  history_len: int
+
+  def __call__(self, params: Any, stage: str) -> Dict[str, float]:
+    total = None
+    for host_batch in data_lib.eval_batches(self.split, stage, self.max_len, self.batch_size,
+                                            history_len=self.history_len):
+      total = metrics_lib.accumulate(total, self.step_fn(params,
+                                                         self.partitioner.shard_inputs(host_batch)))
+    return metrics_lib.normalise(jax.device_get(total), self.ks)
+
+
+def _num_steps(config, steps_per_epoch: int) -> int:
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return int(config.train.num_epochs) * steps_per_epoch
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains with early stopping on validation, then tests the best checkpoint.
+
+  Args:
+    config: the experiment ConfigDict (see configs/sasrec/*.py for every field).
+    workdir: output directory; relaunching with the same workdir resumes.
+
+  Returns:
+    The results dict also written to `workdir/results.json`:
+    {"valid": {...}, "test": {...}, "best_step": n, "train_seconds": s, ...}.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  split = load_split(config)
+  dataset = split.dataset
+  max_len = config.data.max_len
+  partitioner = sharding.partitioner_from_config(config.mesh)
+  logging.info("mesh %s over %d devices in %d processes", dict(partitioner.mesh.shape),
+               jax.device_count(), jax.process_count())
+
+  batch_size = config.train.batch_size
+  _check_batch(batch_size, partitioner, "config.train.batch_size")
+  eval_batch_size = config.eval.batch_size
+  _check_batch(eval_batch_size, partitioner, "config.eval.batch_size")
+
+  model, model_cfg = models.build_model(config.model, n_items=dataset.n_items, max_len=max_len)
+  iterator = data_lib.TrainIterator(split, max_len, batch_size, seed=config.seed)
+  steps_per_epoch = iterator.steps_per_epoch
+  num_steps = _num_steps(config, steps_per_epoch)
+  eval_every = config.train.eval_every_steps or steps_per_epoch
+  ckpt_every = config.checkpoint.every_steps or eval_every
+  tx = optim.make_optimizer(config.optim, num_steps)
+
+  state, state_shardings = partitioner.partition_init(
+      functools.partial(ts.init_state, model=model, tx=tx, max_len=max_len),
+      jax.random.key(config.seed))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("model %s: %s parameters; %d training examples, %d steps/epoch, %d steps planned",
+               config.model.name, f"{n_params:,}", len(split.train_targets), steps_per_epoch,
+               num_steps)
+
+  batch_spec = {"inputs": 2, "targets": 1, "target_seq": 2, "users": 1, "weights": 1}
+  train_step = partitioner.partition_step(
+      functools.partial(ts.train_step, model=model, tx=tx,
+                        loss_positions=config.model.loss_positions),
+      in_shardings=(state_shardings, {k: partitioner.batch_sharding(n)
+                                      for k, n in batch_spec.items()}),
+      out_shardings=(state_shardings, partitioner.replicated),
+      donate_argnums=(0,))
+  history_len = int(dataset.lengths.max()) if config.eval.exclude_seen else 0
+  eval_spec = {"inputs": 2, "targets": 1, "users": 1, "weights": 1}
+  if history_len:
+    eval_spec["history"] = 2
+  eval_step = partitioner.partition_step(
+      functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
+                        exclude_seen=bool(config.eval.exclude_seen)),
+      in_shardings=(state_shardings.params, {k: partitioner.batch_sharding(n)
+                                             for k, n in eval_spec.items()}),
+      out_shardings=partitioner.replicated)
+  evaluate = Evaluator(split, partitioner, eval_step, max_len, eval_batch_size,
+                       tuple(config.eval.ks), history_len)
+
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                    async_save=config.checkpoint.async_save)
+  loop = {"best_metric": None, "best_step": -1, "bad_evals": 0, "finished": False,
+          "train_seconds": 0.0, "iterator": iterator.get_state()}
+  start = ckpt.latest_step()
+  if start is not None:
+    state, loop = ckpt.restore(start, state)
+    iterator.set_state(loop["iterator"])
+    logging.info("resumed from step %d (%s)", start, json.dumps(
+        {k: v for k, v in loop.items() if k != "iterator"}))
+  step = int(jax.device_get(state.step))
+  writer = MetricWriter(workdir, enabled=is_main, resume_step=step)
+
+  metric_name = config.train.early_stop_metric
+  stop_at = config.train.stop_at_step
+  t_start = time.perf_counter() - loop["train_seconds"]
+  pending = []  # device-side train metrics since the last log
+  progress = _progress(num_steps, step, enabled=is_main and config.train.progress)
+  while not loop["finished"] and step < num_steps:
+    host_batch = next(iterator)
+    state, train_metrics = train_step(state, partitioner.shard_inputs(host_batch))
+    step += 1
+    pending.append(train_metrics)
+    progress.update(1)
+    if step % config.train.log_every_steps == 0 or step % eval_every == 0 or step == num_steps:
+      summary = _summarise(pending)
+      pending = []
+      if not math.isfinite(summary["loss"]):
+        raise FloatingPointError(f"non-finite training loss {summary['loss']} at step {step}; "
+                                 "lower config.optim.lr or set config.optim.grad_clip")
+      progress.set_postfix(loss=f"{summary['loss']:.4f}", epoch=iterator.epoch)
+      writer.write(step, "train", summary)
+    if step % eval_every == 0 or step == num_steps:
+      valid = evaluate(state.params, "valid")
+      writer.write(step, "valid", valid)
+      value = valid[metric_name]
+      if loop["best_metric"] is None or value > loop["best_metric"]:
+        loop.update(best_metric=value, best_step=step, bad_evals=0)
+        ckpt.save_best(step, state.params, {"step": step, "valid": valid})
+      else:
+        loop["bad_evals"] += 1
+      logging.info("step %d epoch %d valid %s=%.5f (best %.5f at %d, %d/%d bad evals)", step,
+                   iterator.epoch, metric_name, value, loop["best_metric"], loop["best_step"],
+                   loop["bad_evals"], config.train.patience)
+      if config.train.patience > 0 and loop["bad_evals"] >= config.train.patience:
+        logging.info("early stop at step %d: no %s gain for %d evaluations", step, metric_name,
+                     loop["bad_evals"])
+        loop["finished"] = True
+    if step == num_steps:
+      loop["finished"] = True
+    if loop["finished"] or step % ckpt_every == 0 or step == stop_at:
+      loop["train_seconds"] = time.perf_counter() - t_start
+      loop["iterator"] = iterator.get_state()
+      ckpt.save(step, state, loop)
+    if step == stop_at:
+      logging.info("stopping at step %d as config.train.stop_at_step asks", step)
+      ckpt.close()
+      progress.close()
+      writer.close()
+      return {"stopped_at_step": step}
+  progress.close()
+  ckpt.wait()
+
+  # Test at the best validation checkpoint.
+  params, best_meta = ckpt.restore_best(state.params)
+  results = {
+      "valid": evaluate(params, "valid"),
+      "test": evaluate(params, "test"),
+      "best_step": int(best_meta["step"]),
+      "train_seconds": float(loop["train_seconds"]),
+      "steps": step,
+      "epochs": step / steps_per_epoch,
+      "dataset": dataset.summary(),
+      "n_params": n_params,
+      "devices": jax.device_count(),
+      "processes": jax.process_count(),
+  }
+  writer.write(results["best_step"], "test", results["test"])
+  if is_main:
+    tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
+    logging.info("results:\n%s", format_results(results))
+  ckpt.close()
+  writer.close()
+  return results
+
+
+def _check_batch(batch_size: int, partitioner: sharding.Partitioner, key: str) -> None:
+  shards = partitioner.batch_size_multiple
+  procs = jax.process_count()
+  if batch_size % shards or batch_size % procs:
+    raise ValueError(f"{key}={batch_size} must be divisible by the {shards} batch shards of mesh "
+                     f"{dict(partitioner.mesh.shape)} and by the {procs} processes")
+
+
+def _summarise(pending) -> Dict[str, float]:
+  got = jax.device_get(pending)
+  loss_sum = sum(float(m["loss_sum"]) for m in got)
+  weight_sum = sum(float(m["weight_sum"]) for m in got)
+  return {"loss": loss_sum / max(weight_sum, 1.0),
+          "grad_norm": float(np.mean([float(m["grad_norm"]) for m in got]))}
+
+
+class _NoProgress:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kw):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return _NoProgress()
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def format_results(results: Dict[str, Any], ks=metrics_lib.DEFAULT_KS) -> str:
+  """A fixed-width table of valid/test HR, NDCG and MRR at every K."""
+  keys = metrics_lib.metric_keys(ks)
+  lines = ["split  " + " ".join(f"{k:>8s}" for k in keys)]
+  for stage in ("valid", "test"):
+    lines.append(f"{stage:6s} " + " ".join(f"{results[stage][k]:8.4f}" for k in keys))
+  lines.append(f"best step {results['best_step']}, train {results['train_seconds']:.1f} s")
+  return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Logical axes (the one vocabulary, see `seqrec_jax.sharding.DEFAULT_RULES`):
+  batch, length, embed, mlp, heads, kv, vocab.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e9  # additive mask value; finite so an all-masked (padding) query row stays finite
+
+
+def _normal(std):
+  return nn.initializers.normal(stddev=std)
+
+
+class Embed(nn.Module):
+  """An embedding table [vocab, embed] that can also score vectors against itself."""
+  num_embeddings: int
+  features: int
+  init_std: float = 0.02
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(_normal(self.init_std), ("vocab", "embed")),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """[...] int ids -> [..., features]."""
+    return jnp.take(self.embedding, ids, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """[..., features] -> [..., vocab] dot products with every row (the tied output layer)."""
+    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(x.dtype))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with logically-annotated scale and bias."""
+  eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.LayerNorm(
+        epsilon=self.eps, dtype=x.dtype, param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)
+
+
+def dense(features, axes, init_std, dtype, name):
+  """A biased Dense layer whose kernel and bias carry logical axes."""
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(_normal(init_std), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head self-attention with biased q/k/v/out projections (RecBole's layout)."""
+  n_heads: int
+  attn_dropout: float
+  init_std: float = 0.02
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    """x: [B, L, D]; mask: [B, 1, L, L] bool (True = may attend). Returns [B, L, D]."""
+    d = x.shape[-1]
+    head_dim = d // self.n_heads
+    dtype = jnp.dtype(self.dtype)
+    kernel_init = nn.with_logical_partitioning(_normal(self.init_std), ("embed", "heads", "kv"))
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
+
+    def proj(name):
+      w = self.param(f"{name}_kernel", kernel_init, (d, self.n_heads, head_dim), jnp.float32)
+      b = self.param(f"{name}_bias", bias_init, (self.n_heads, head_dim), jnp.float32)
+      return jnp.einsum("bld,dhk->blhk", x, w.astype(dtype)) + b.astype(dtype)  # [B, L, H, K]
+
+    q, k, v = proj("query"), proj("key"), proj("value")
+    logits = jnp.einsum("blhk,bmhk->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, dtype))
+    logits = jnp.where(mask, logits, _NEG)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)  # [B, H, L, L]
+    probs = nn.Dropout(self.attn_dropout)(probs, deterministic=not train)
+    out = jnp.einsum("bhlm,bmhk->blhk", probs, v)  # [B, L, H, K]
+    w_out = self.param(
+        "out_kernel",
+        nn.with_logical_partitioning(_normal(self.init_std), ("heads", "kv", "embed")),
+        (self.n_heads, head_dim, d), jnp.float32)
+    b_out = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                       (d,), jnp.float32)
+    return jnp.einsum("blhk,hkd->bld", out, w_out.astype(dtype)) + b_out.astype(dtype)
+
+
+class PostLNBlock(nn.Module):
+  """A post-LN transformer block: LN(x + Drop(Attn(x))), then LN(h + Drop(FFN(h)))."""
+  n_heads: int
+  inner: int
+  dropout: float
+  attn_dropout: float
+  act: str = "gelu"
+  ln_eps: float = 1e-12
+  init_std: float = 0.02
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    """x: [B, L, D]; mask: [B, 1, L, L]. Returns [B, L, D]."""
+    d = x.shape[-1]
+    attn = MultiHeadAttention(self.n_heads, self.attn_dropout, self.init_std, self.dtype,
+                              name="attention")(x, mask, train=train)
+    attn = nn.Dropout(self.dropout)(attn, deterministic=not train)
+    h = LayerNorm(self.ln_eps, name="attention_norm")(x + attn)
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    f = dense(self.inner, ("embed", "mlp"), self.init_std, self.dtype, "ffn_in")(h)
+    f = nn.gelu(f, approximate=False) if self.act == "gelu" else nn.relu(f)
+    f = nn.with_logical_constraint(f, ("batch", "length", "mlp"))
+    f = dense(d, ("mlp", "embed"), self.init_std, self.dtype, "ffn_out")(f)
+    f = nn.Dropout(self.dropout)(f, deterministic=not train)
+    out = LayerNorm(self.ln_eps, name="ffn_norm")(h + f)
+    return nn.with_logical_constraint(out, ("batch", "length", "embed"))

@@ -1,0 +1,34 @@
+"""seqrec-jax: LLM-augmented sequential recommendation (SRA-CL, CALRec) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pinned to the versions this project is tested with: JAX, Flax and Orbax APIs move fast.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    # Test-only: pytest, and the RecBole wheel for its embedded ml-100k data files (installed with
+    # --no-deps by .ci/run and the README; recbole is never imported).
+    "test": ["pytest>=8"],
+}
+
+setup(
+    name="seqrec-jax",
+    version="0.1.0",
+    description="JAX/Flax library for LLM-augmented sequential recommendation (SRA-CL, CALRec).",
+    packages=find_packages(include=["seqrec_jax*", "sracl_jax*", "calrec_jax*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
