@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 = the rest
   c.mesh.rules = DEFAULT_RULES  # logical axis -> mesh axes
+  c.mesh.num_devices = -1  # use only the first N devices (single process); -1 = all
   return c
 
 

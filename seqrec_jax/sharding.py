@@ -175,4 +175,11 @@ def partitioner_from_config(mesh_config) -> Partitioner:
   """Builds a Partitioner from `config.mesh` ({shape: {...}, rules: [...]})."""
   shape = dict(mesh_config.shape)
   rules = rules_from_config(mesh_config.get("rules", None))
-  return Partitioner(make_mesh(shape), rules)
+  num_devices = int(mesh_config.get("num_devices", -1))
+  devices = jax.devices()
+  if num_devices > 0:
+    if num_devices > len(devices) or jax.process_count() > 1:
+      raise ValueError(f"config.mesh.num_devices={num_devices} needs a single process with at least "
+                       f"that many devices ({len(devices)} devices, {jax.process_count()} processes)")
+    devices = devices[:num_devices]
+  return Partitioner(make_mesh(shape, devices), rules)

@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Modu
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {"loss_sum": loss_sum, "weight_sum": weight_sum,
-                     "grad_norm": optax.global_norm(grads)}
+                     "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module,

@@ -11,7 +11,7 @@ from seqrec_jax.data import batching
 from seqrec_jax.data import readers
 from seqrec_jax.data.dataset import SequenceDataset
 
-DATA = "/work/shared/data"
+DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 BEAUTY_TXT = os.path.join(DATA, "beauty", "Beauty.txt")
 needs_shared = pytest.mark.skipif(not os.path.isdir(DATA), reason="shared benchmark data absent")
 

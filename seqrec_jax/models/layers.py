@@ -17,6 +17,46 @@ def _normal(std):
   return nn.initializers.normal(stddev=std)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, x * Phi(x), as RecBole's SASRec uses.
+
+  Written with `erf` rather than flax's `erfc` form: the same function (to float rounding) but
+  XLA:CPU lowers erf to a cheaper polynomial, which matters inside the training step.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
+class Dropout(nn.Module):
+  """Inverted dropout drawing 8 random bits per element, four elements per uint32 draw.
+
+  Threefry bit generation dominates dropout's cost on CPU; taking four independent bytes from
+  every 32-bit draw makes it ~6x cheaper.  The drop probability is therefore quantised to 1/256
+  (exact for 0, 0.25, 0.5, 0.75; 0.2 becomes 51/256 = 0.1992) and surviving values are scaled by
+  the exact inverse keep probability.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate <= 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    threshold = int(round(self.rate * 256))
+    keep_prob = (256 - threshold) / 256.0
+    rng = self.make_rng("dropout")
+    if x.shape and x.shape[-1] % 4 == 0:
+      # Draw in x's own layout ([..., last / 4] words -> [..., last / 4, 4] bytes): no slicing,
+      # so XLA fuses the unpacking into the select.
+      words = jax.random.bits(rng, x.shape[:-1] + (x.shape[-1] // 4,), jnp.uint32)
+      byte = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape)
+    else:
+      n = x.size
+      words = jax.random.bits(rng, (-(-n // 4),), jnp.uint32)
+      byte = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
+    return jnp.where(byte >= threshold, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
 class Embed(nn.Module):
   """An embedding table [vocab, embed] that can also score vectors against itself."""
   num_embeddings: int
@@ -82,7 +122,7 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum("blhk,bmhk->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, dtype))
     logits = jnp.where(mask, logits, _NEG)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)  # [B, H, L, L]
-    probs = nn.Dropout(self.attn_dropout)(probs, deterministic=not train)
+    probs = Dropout(self.attn_dropout)(probs, deterministic=not train)
     out = jnp.einsum("bhlm,bmhk->blhk", probs, v)  # [B, L, H, K]
     w_out = self.param(
         "out_kernel",
@@ -110,13 +150,13 @@ class PostLNBlock(nn.Module):
     d = x.shape[-1]
     attn = MultiHeadAttention(self.n_heads, self.attn_dropout, self.init_std, self.dtype,
                               name="attention")(x, mask, train=train)
-    attn = nn.Dropout(self.dropout)(attn, deterministic=not train)
+    attn = Dropout(self.dropout)(attn, deterministic=not train)
     h = LayerNorm(self.ln_eps, name="attention_norm")(x + attn)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     f = dense(self.inner, ("embed", "mlp"), self.init_std, self.dtype, "ffn_in")(h)
-    f = nn.gelu(f, approximate=False) if self.act == "gelu" else nn.relu(f)
+    f = gelu(f) if self.act == "gelu" else nn.relu(f)
     f = nn.with_logical_constraint(f, ("batch", "length", "mlp"))
     f = dense(d, ("mlp", "embed"), self.init_std, self.dtype, "ffn_out")(f)
-    f = nn.Dropout(self.dropout)(f, deterministic=not train)
+    f = Dropout(self.dropout)(f, deterministic=not train)
     out = LayerNorm(self.ln_eps, name="ffn_norm")(h + f)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))

@@ -86,7 +86,7 @@ class SASRec(nn.Module):
         n_heads=cfg.n_heads, inner=cfg.inner, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
         act=cfg.act, ln_eps=cfg.ln_eps, init_std=cfg.init_std, dtype=cfg.dtype, name=f"block_{i}")
                    for i in range(cfg.n_layers)]
-    self.dropout = nn.Dropout(cfg.dropout)
+    self.dropout = layers.Dropout(cfg.dropout)
 
   def encode(self, inputs: jax.Array, *, train: bool) -> jax.Array:
     """Encodes left-padded item sequences.
