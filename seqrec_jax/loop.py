@@ -74,6 +74,82 @@ def _num_steps(config, steps_per_epoch: int) -> int:
   return int(config.train.num_epochs) * steps_per_epoch
 
 
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before the first step (shared by the loop and benchmarks)."""
+  config: ml_collections.ConfigDict
+  split: Any
+  partitioner: sharding.Partitioner
+  model: Any
+  tx: Any
+  state: Any
+  state_shardings: Any
+  train_step: Any
+  evaluate: Evaluator
+  iterator: Any
+  steps_per_epoch: int
+  num_steps: int
+  n_params: int
+
+
+TRAIN_BATCH_SPEC = {"inputs": 2, "targets": 1, "target_seq": 2, "users": 1, "weights": 1}
+
+
+def build_experiment(config: ml_collections.ConfigDict, split=None) -> Experiment:
+  """Reads data, builds the mesh, model, optimizer, sharded state and jitted steps.
+
+  Args:
+    config: the experiment config (validated here).
+    split: an already-loaded LeaveOneOutSplit (benchmarks reuse one); default: from config.data.
+
+  Returns:
+    An Experiment; its state is freshly initialised (the loop may then restore a checkpoint).
+  """
+  validate_config(config)
+  split = split if split is not None else load_split(config)
+  dataset = split.dataset
+  max_len = config.data.max_len
+  partitioner = sharding.partitioner_from_config(config.mesh)
+  logging.info("mesh %s over %d devices in %d processes", dict(partitioner.mesh.shape),
+               partitioner.mesh.size, jax.process_count())
+  _check_batch(config.train.batch_size, partitioner, "config.train.batch_size")
+  _check_batch(config.eval.batch_size, partitioner, "config.eval.batch_size")
+
+  model, _ = models.build_model(config.model, n_items=dataset.n_items, max_len=max_len)
+  iterator = data_lib.TrainIterator(split, max_len, config.train.batch_size, seed=config.seed)
+  steps_per_epoch = iterator.steps_per_epoch
+  num_steps = _num_steps(config, steps_per_epoch)
+  tx = optim.make_optimizer(config.optim, num_steps)
+  state, state_shardings = partitioner.partition_init(
+      functools.partial(ts.init_state, model=model, tx=tx, max_len=max_len),
+      jax.random.key(config.seed))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("model %s: %s parameters; %d training examples, %d steps/epoch, %d steps planned",
+               config.model.name, f"{n_params:,}", len(split.train_targets), steps_per_epoch,
+               num_steps)
+  train_step = partitioner.partition_step(
+      functools.partial(ts.train_step, model=model, tx=tx,
+                        loss_positions=config.model.loss_positions),
+      in_shardings=(state_shardings, {k: partitioner.batch_sharding(n)
+                                      for k, n in TRAIN_BATCH_SPEC.items()}),
+      out_shardings=(state_shardings, partitioner.replicated),
+      donate_argnums=(0,))
+  history_len = int(dataset.lengths.max()) if config.eval.exclude_seen else 0
+  eval_spec = {"inputs": 2, "targets": 1, "users": 1, "weights": 1}
+  if history_len:
+    eval_spec["history"] = 2
+  eval_step = partitioner.partition_step(
+      functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
+                        exclude_seen=bool(config.eval.exclude_seen)),
+      in_shardings=(state_shardings.params, {k: partitioner.batch_sharding(n)
+                                             for k, n in eval_spec.items()}),
+      out_shardings=partitioner.replicated)
+  evaluate = Evaluator(split, partitioner, eval_step, max_len, config.eval.batch_size,
+                       tuple(config.eval.ks), history_len)
+  return Experiment(config, split, partitioner, model, tx, state, state_shardings, train_step,
+                    evaluate, iterator, steps_per_epoch, num_steps, n_params)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains with early stopping on validation, then tests the best checkpoint.
 
@@ -93,54 +169,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  split = load_split(config)
+  exp = build_experiment(config)
+  split, partitioner, state, iterator = exp.split, exp.partitioner, exp.state, exp.iterator
   dataset = split.dataset
-  max_len = config.data.max_len
-  partitioner = sharding.partitioner_from_config(config.mesh)
-  logging.info("mesh %s over %d devices in %d processes", dict(partitioner.mesh.shape),
-               jax.device_count(), jax.process_count())
-
-  batch_size = config.train.batch_size
-  _check_batch(batch_size, partitioner, "config.train.batch_size")
-  eval_batch_size = config.eval.batch_size
-  _check_batch(eval_batch_size, partitioner, "config.eval.batch_size")
-
-  model, model_cfg = models.build_model(config.model, n_items=dataset.n_items, max_len=max_len)
-  iterator = data_lib.TrainIterator(split, max_len, batch_size, seed=config.seed)
-  steps_per_epoch = iterator.steps_per_epoch
-  num_steps = _num_steps(config, steps_per_epoch)
+  train_step, evaluate = exp.train_step, exp.evaluate
+  steps_per_epoch, num_steps, n_params = exp.steps_per_epoch, exp.num_steps, exp.n_params
   eval_every = config.train.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint.every_steps or eval_every
-  tx = optim.make_optimizer(config.optim, num_steps)
-
-  state, state_shardings = partitioner.partition_init(
-      functools.partial(ts.init_state, model=model, tx=tx, max_len=max_len),
-      jax.random.key(config.seed))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  logging.info("model %s: %s parameters; %d training examples, %d steps/epoch, %d steps planned",
-               config.model.name, f"{n_params:,}", len(split.train_targets), steps_per_epoch,
-               num_steps)
-
-  batch_spec = {"inputs": 2, "targets": 1, "target_seq": 2, "users": 1, "weights": 1}
-  train_step = partitioner.partition_step(
-      functools.partial(ts.train_step, model=model, tx=tx,
-                        loss_positions=config.model.loss_positions),
-      in_shardings=(state_shardings, {k: partitioner.batch_sharding(n)
-                                      for k, n in batch_spec.items()}),
-      out_shardings=(state_shardings, partitioner.replicated),
-      donate_argnums=(0,))
-  history_len = int(dataset.lengths.max()) if config.eval.exclude_seen else 0
-  eval_spec = {"inputs": 2, "targets": 1, "users": 1, "weights": 1}
-  if history_len:
-    eval_spec["history"] = 2
-  eval_step = partitioner.partition_step(
-      functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
-                        exclude_seen=bool(config.eval.exclude_seen)),
-      in_shardings=(state_shardings.params, {k: partitioner.batch_sharding(n)
-                                             for k, n in eval_spec.items()}),
-      out_shardings=partitioner.replicated)
-  evaluate = Evaluator(split, partitioner, eval_step, max_len, eval_batch_size,
-                       tuple(config.eval.ks), history_len)
 
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                     async_save=config.checkpoint.async_save)

@@ -105,20 +105,35 @@ class MultiHeadAttention(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
-    """x: [B, L, D]; mask: [B, 1, L, L] bool (True = may attend). Returns [B, L, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool,
+               last_only: bool = False) -> jax.Array:
+    """Self-attention.
+
+    Args:
+      x: [B, L, D] inputs (keys and values always come from every position).
+      mask: [B, 1, L, L] bool, True where query i may attend to key j.
+      train: dropout on/off.
+      last_only: compute queries (and so outputs) for the last position only.
+
+    Returns:
+      [B, L, D], or [B, 1, D] with last_only.
+    """
     d = x.shape[-1]
     head_dim = d // self.n_heads
     dtype = jnp.dtype(self.dtype)
     kernel_init = nn.with_logical_partitioning(_normal(self.init_std), ("embed", "heads", "kv"))
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
 
-    def proj(name):
+    def proj(name, inputs):
       w = self.param(f"{name}_kernel", kernel_init, (d, self.n_heads, head_dim), jnp.float32)
       b = self.param(f"{name}_bias", bias_init, (self.n_heads, head_dim), jnp.float32)
-      return jnp.einsum("bld,dhk->blhk", x, w.astype(dtype)) + b.astype(dtype)  # [B, L, H, K]
+      return jnp.einsum("bld,dhk->blhk", inputs, w.astype(dtype)) + b.astype(dtype)  # [B, L, H, K]
 
-    q, k, v = proj("query"), proj("key"), proj("value")
+    if last_only:
+      x_q, mask = x[:, -1:], mask[:, :, -1:]  # [B, 1, D], [B, 1, 1, L]
+    else:
+      x_q = x
+    q, k, v = proj("query", x_q), proj("key", x), proj("value", x)
     logits = jnp.einsum("blhk,bmhk->bhlm", q, k) / jnp.sqrt(jnp.asarray(head_dim, dtype))
     logits = jnp.where(mask, logits, _NEG)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)  # [B, H, L, L]
@@ -145,13 +160,20 @@ class PostLNBlock(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
-    """x: [B, L, D]; mask: [B, 1, L, L]. Returns [B, L, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool,
+               last_only: bool = False) -> jax.Array:
+    """x: [B, L, D]; mask: [B, 1, L, L].
+
+    Returns [B, L, D]; with last_only, [B, 1, D] for the last position alone (everything after
+    attention is position-wise, so the other positions' outputs need not be computed when only
+    the last one is used, as in SASRec's last-position loss and ranking).
+    """
     d = x.shape[-1]
     attn = MultiHeadAttention(self.n_heads, self.attn_dropout, self.init_std, self.dtype,
-                              name="attention")(x, mask, train=train)
+                              name="attention")(x, mask, train=train, last_only=last_only)
     attn = Dropout(self.dropout)(attn, deterministic=not train)
-    h = LayerNorm(self.ln_eps, name="attention_norm")(x + attn)
+    residual = x[:, -1:] if last_only else x
+    h = LayerNorm(self.ln_eps, name="attention_norm")(residual + attn)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     f = dense(self.inner, ("embed", "mlp"), self.init_std, self.dtype, "ffn_in")(h)
     f = gelu(f) if self.act == "gelu" else nn.relu(f)

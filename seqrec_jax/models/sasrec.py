@@ -63,6 +63,25 @@ class SASRecConfig:
     if self.n_items < 1 or self.max_len < 1:
       raise ValueError(f"n_items={self.n_items} and max_len={self.max_len} must be positive")
 
+  def train_flops_per_sequence(self, loss_positions: str = "last") -> float:
+    """Model FLOPs of one training sequence (forward + backward = 3 x forward).
+
+    Counts the matmul FLOPs the loss needs (2 per multiply-add): per token and layer, q/k/v/out
+    projections 8 D^2, the FFN 4 D I, attention scores and mixing 4 L D; plus the output layer
+    2 D n_items at the last position (or at all L positions with loss_positions="all").
+    """
+    d, i, l = self.hidden, self.inner, self.max_len
+    per_token = 8 * d * d + 4 * d * i + 4 * l * d
+    if loss_positions == "all":
+      encoder = l * self.n_layers * per_token
+      output = 2 * d * self.n_items * l
+    else:
+      # Only the last position of the final block is needed: its k/v projections run at every
+      # position (4 D^2 per token), everything else at the last position alone.
+      encoder = l * (self.n_layers - 1) * per_token + l * 4 * d * d + per_token - 4 * d * d
+      output = 2 * d * self.n_items
+    return 3.0 * (encoder + output)
+
   @property
   def table_rows(self) -> int:
     """Rows of the item table: n_items + 1 (padding row) rounded up to vocab_pad_multiple."""
@@ -88,15 +107,16 @@ class SASRec(nn.Module):
                    for i in range(cfg.n_layers)]
     self.dropout = layers.Dropout(cfg.dropout)
 
-  def encode(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+  def encode(self, inputs: jax.Array, *, train: bool, last_only: bool = False) -> jax.Array:
     """Encodes left-padded item sequences.
 
     Args:
       inputs: [B, L] int32 item ids, 0 = padding.
       train: enables dropout (needs a "dropout" rng).
+      last_only: the final block computes the last position only (same values there).
 
     Returns:
-      [B, L, D] hidden states at every position.
+      [B, L, D] hidden states at every position, or [B, 1, D] with last_only.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -110,13 +130,13 @@ class SASRec(nn.Module):
     valid = inputs > 0  # [B, L]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L, L]
     mask = causal[None, None] & valid[:, None, None, :]  # [B, 1, L, L]: query i sees key j <= i
-    for block in self.blocks:
-      x = block(x, mask, train=train)
+    for i, block in enumerate(self.blocks):
+      x = block(x, mask, train=train, last_only=last_only and i == len(self.blocks) - 1)
     return x
 
   def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
     """The sequence representation: [B, D] hidden state at the last position."""
-    return self.encode(inputs, train=train)[:, -1]
+    return self.encode(inputs, train=train, last_only=True)[:, -1]
 
   def score(self, user_vectors: jax.Array) -> jax.Array:
     """Scores every row of the item table.

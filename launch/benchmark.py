@@ -1,0 +1,170 @@
+"""Speed benchmark of a config: training throughput, evaluation throughput, compile time, memory,
+model FLOP/s against this machine's measured matmul peak, optionally next to the RecBole peer.
+
+  python launch/benchmark.py --config configs/sasrec/beauty.py --out bench.json \
+      [--peer_python /work/peers-venv/bin/python --peer_dataset beauty]
+
+Everything is measured in one process, one run: the matmul peak (median of 2048^3 float32
+matmuls), then our train step (median over --steps steps, host batching included), the full-ranking
+evaluation of every test user (median of --eval_repeats passes), and last the peer in a subprocess
+(so the two never share the CPU).  Quote medians and the ratios from one run.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from seqrec_jax import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 60, "Timed training steps (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+_EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "Timed passes over all test users.")
+_OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", None,
+                                   "Python of the RecBole peer venv; if set, time the peer too.")
+_PEER_DATASET = flags.DEFINE_enum("peer_dataset", None, ["ml-100k", "beauty"],
+                                  "Dataset name for the peer runner.")
+_PEER_EPOCHS = flags.DEFINE_integer("peer_epochs", 2, "Timed peer training epochs.")
+flags.mark_flags_as_required(["config"])
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), times
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """Median float32 FLOP/s of an n x n x n matmul on the default device."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  med, _ = _median_time(lambda: f(a, a).block_until_ready(), repeats)
+  return 2.0 * n ** 3 / med
+
+
+def benchmark_ours(config) -> dict:
+  """Times our train step and full-ranking evaluation on config's data and model."""
+  t0 = time.perf_counter()
+  exp = loop.build_experiment(config)
+  build_s = time.perf_counter() - t0
+  state, it, part = exp.state, exp.iterator, exp.partitioner
+  batch = part.shard_inputs(next(it))
+
+  t = time.perf_counter()
+  compiled_train = exp.train_step.jitted.lower(state, batch).compile()
+  train_compile_s = time.perf_counter() - t
+  cost = compiled_train.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+  for _ in range(_WARMUP.value):
+    state, m = exp.train_step(state, part.shard_inputs(next(it)))
+  jax.block_until_ready(m)
+  step_times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, m = exp.train_step(state, part.shard_inputs(next(it)))
+    jax.block_until_ready(m)
+    step_times.append(time.perf_counter() - t)
+  step_s = float(np.median(step_times))
+
+  t = time.perf_counter()
+  exp.evaluate(state.params, "test")  # includes the eval step's compilation
+  first_eval_s = time.perf_counter() - t
+  eval_s, _ = _median_time(lambda: exp.evaluate(state.params, "test"), _EVAL_REPEATS.value)
+  n_eval = len(exp.split.eval_users)
+
+  model_cfg = exp.model.config
+  flops_seq = model_cfg.train_flops_per_sequence(config.model.loss_positions)
+  batch_size = config.train.batch_size
+  return {
+      "dataset": exp.split.dataset.summary(),
+      "train_sequences": int(len(exp.split.train_targets)),
+      "batch_size": batch_size,
+      "steps_per_epoch": exp.steps_per_epoch,
+      "devices": part.mesh.size,
+      "mesh": dict(part.mesh.shape),
+      "build_seconds": build_s,
+      "train_compile_seconds": train_compile_s,
+      "eval_first_pass_seconds_incl_compile": first_eval_s,
+      "step_seconds_median": step_s,
+      "step_seconds_p10_p90": [float(np.percentile(step_times, 10)),
+                               float(np.percentile(step_times, 90))],
+      "train_sequences_per_second": batch_size / step_s,
+      "seconds_per_epoch": exp.steps_per_epoch * step_s,
+      "eval_users": n_eval,
+      "eval_seconds_median": eval_s,
+      "eval_users_per_second": n_eval / eval_s,
+      "model_flops_per_train_sequence": flops_seq,
+      "xla_flops_per_train_step": xla_flops,
+      "achieved_model_flops_per_second": flops_seq * batch_size / step_s,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+  }
+
+
+def benchmark_peer(python: str, dataset: str, epochs: int, out_dir: str) -> dict:
+  """Runs the RecBole runner's timing mode in its own venv and returns its JSON."""
+  runner = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "peers", "recbole_sasrec.py")
+  out = os.path.join(out_dir, f"peer_{dataset}_timing.json")
+  cmd = [python, runner, "--dataset", dataset, "--mode", "timing", "--timing_epochs",
+         str(epochs), "--threads", "2", "--out", out]
+  logging.info("peer: %s", " ".join(cmd))
+  subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+  with open(out) as f:
+    return json.load(f)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  peak = matmul_peak_flops()
+  ours = benchmark_ours(config)
+  ours["matmul_peak_flops_per_second"] = peak
+  ours["fraction_of_matmul_peak"] = ours["achieved_model_flops_per_second"] / peak
+  report = {
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+      "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+      "jax": jax.__version__, "backend": jax.default_backend(),
+      "ours": ours,
+  }
+  if _PEER_PYTHON.value:
+    peer = benchmark_peer(_PEER_PYTHON.value, _PEER_DATASET.value, _PEER_EPOCHS.value,
+                          os.path.dirname(os.path.abspath(_OUT.value or "bench.json")))
+    report["peer"] = {k: peer.get(k) for k in (
+        "peer", "torch", "threads", "anomaly_detection", "seconds_per_epoch",
+        "train_sequences_per_s", "eval_users_per_s", "epoch_seconds")}
+    report["ratios"] = {
+        "train_throughput_vs_peer": ours["train_sequences_per_second"] /
+                                    peer["train_sequences_per_s"],
+        "eval_throughput_vs_peer": ours["eval_users_per_second"] / peer["eval_users_per_s"],
+    }
+  text = json.dumps(report, indent=2)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
