@@ -50,6 +50,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: Dict[str, Any]) -> None:
     """Saves the train state and JSON metadata at `step` (asynchronously when enabled)."""
+    if step in self._latest.all_steps():
+      logging.info("checkpoint for step %d already exists; keeping it", step)
+      return
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -66,7 +69,15 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def save_best(self, step: int, params: Any, meta: Dict[str, Any]) -> None:
-    """Keeps `params` as the best so far (the previous best is replaced once this one is saved)."""
+    """Keeps `params` as the best so far (the previous best is replaced once this one is saved).
+
+    A run that died after its best save but before its next periodic checkpoint replays the same
+    steps deterministically on resume and reaches this step again with identical parameters: the
+    existing copy is kept.
+    """
+    if step in self._best.all_steps():
+      logging.info("best checkpoint for step %d already exists; keeping it", step)
+      return
     self._best.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
 

@@ -180,3 +180,15 @@ def test_bad_batch_size_names_the_numbers(pairs_file, tmp_path):
   c.train.batch_size = 30
   with pytest.raises(ValueError, match=r"config.train.batch_size=30 .* 8 batch shards"):
     loop.train_and_evaluate(c, str(tmp_path))
+
+
+def test_resume_after_dying_between_best_and_periodic_save(pairs_file, tmp_path):
+  """Best saved at step 20 but the periodic checkpoint of step 20 lost: resume from step 10."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  straight = loop.train_and_evaluate(small_config(pairs_file), str(tmp_path / "a"))
+  c = small_config(pairs_file)
+  c.train.stop_at_step = 20
+  loop.train_and_evaluate(c, str(tmp_path / "b"))
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
+  resumed = loop.train_and_evaluate(small_config(pairs_file), str(tmp_path / "b"))
+  assert resumed["test"] == straight["test"]
