@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    "scann==1.4.2",  # semantic retrieval (SRA-CL); needs no TensorFlow
 ]
 
 EXTRAS = {
