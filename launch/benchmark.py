@@ -68,22 +68,22 @@ def benchmark_ours(config) -> dict:
   exp = loop.build_experiment(config)
   build_s = time.perf_counter() - t0
   state, it, part = exp.state, exp.iterator, exp.partitioner
-  batch = part.shard_inputs(next(it))
+  batch = exp.train_step.device_batch(next(it))
 
   t = time.perf_counter()
-  compiled_train = exp.train_step.jitted.lower(state, batch).compile()
+  compiled_train = exp.train_step.jitted.lower(state, batch, exp.consts).compile()
   train_compile_s = time.perf_counter() - t
   cost = compiled_train.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
   for _ in range(_WARMUP.value):
-    state, m = exp.train_step(state, part.shard_inputs(next(it)))
+    state, m = exp.train_step(state, next(it))
   jax.block_until_ready(m)
   step_times = []
   for _ in range(_STEPS.value):
     t = time.perf_counter()
-    state, m = exp.train_step(state, part.shard_inputs(next(it)))
+    state, m = exp.train_step(state, next(it))
     jax.block_until_ready(m)
     step_times.append(time.perf_counter() - t)
   step_s = float(np.median(step_times))

@@ -8,7 +8,7 @@ from seqrec_jax import metrics as metrics_lib
 
 DATA_FORMATS = ("pairs", "atomic", "p5", "amazon")
 REQUIRED = {
-    "seed": int,
+    "seed": int, "task.name": str,
     "data.format": str, "data.path": str, "data.max_len": int, "data.short_users": str,
     "model.name": str, "model.loss_positions": str,
     "optim.name": str, "optim.lr": float,

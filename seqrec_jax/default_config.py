@@ -12,6 +12,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 2024  # one seed fixes init, dropout masks and the data order
 
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "next_item"  # next_item | sracl (see seqrec_jax/tasks.py)
+
   c.data = ml_collections.ConfigDict()
   c.data.format = "atomic"  # pairs | atomic (RecBole) | p5 (sequences.txt + items.tsv) | amazon
   c.data.path = ""  # file or directory; "" with atomic = ml-100k from the RecBole wheel

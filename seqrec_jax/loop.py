@@ -17,8 +17,10 @@ import os
 import time
 from typing import Any, Dict, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 from absl import logging
@@ -29,6 +31,7 @@ from seqrec_jax import metrics as metrics_lib
 from seqrec_jax import models
 from seqrec_jax import optim
 from seqrec_jax import sharding
+from seqrec_jax import tasks as tasks_lib
 from seqrec_jax import train_state as ts
 from seqrec_jax.config_check import validate_config
 from seqrec_jax.writers import MetricWriter
@@ -58,8 +61,11 @@ class Evaluator:
   batch_size: int
   ks: tuple
   history_len: int
+  backbone: Any = staticmethod(lambda params: params)
 
   def __call__(self, params: Any, stage: str) -> Dict[str, float]:
+    """Metrics of `stage` ("valid" or "test") for the task's full parameters `params`."""
+    params = self.backbone(params)
     total = None
     for host_batch in data_lib.eval_batches(self.split, stage, self.max_len, self.batch_size,
                                             history_len=self.history_len):
@@ -81,6 +87,8 @@ class Experiment:
   split: Any
   partitioner: sharding.Partitioner
   model: Any
+  task: Any
+  consts: Any
   tx: Any
   state: Any
   state_shardings: Any
@@ -92,10 +100,7 @@ class Experiment:
   n_params: int
 
 
-TRAIN_BATCH_SPEC = {"inputs": 2, "targets": 1, "target_seq": 2, "users": 1, "weights": 1}
-
-
-def build_experiment(config: ml_collections.ConfigDict, split=None) -> Experiment:
+def build_experiment(config: ml_collections.ConfigDict, split=None, workdir: str = "") -> Experiment:
   """Reads data, builds the mesh, model, optimizer, sharded state and jitted steps.
 
   Args:
@@ -116,24 +121,36 @@ def build_experiment(config: ml_collections.ConfigDict, split=None) -> Experimen
   _check_batch(config.eval.batch_size, partitioner, "config.eval.batch_size")
 
   model, _ = models.build_model(config.model, n_items=dataset.n_items, max_len=max_len)
+  task = tasks_lib.make_task(config, split, model, workdir=workdir)
   iterator = data_lib.TrainIterator(split, max_len, config.train.batch_size, seed=config.seed)
   steps_per_epoch = iterator.steps_per_epoch
   num_steps = _num_steps(config, steps_per_epoch)
   tx = optim.make_optimizer(config.optim, num_steps)
   state, state_shardings = partitioner.partition_init(
-      functools.partial(ts.init_state, model=model, tx=tx, max_len=max_len),
-      jax.random.key(config.seed))
+      functools.partial(ts.init_state, task=task, tx=tx), jax.random.key(config.seed))
+  consts_shardings = {k: nn.logical_to_mesh_sharding(P(*task.consts_axes[k]), partitioner.mesh,
+                                                     partitioner.rules)
+                      for k in task.consts}
+  consts = {k: jax.device_put(v, consts_shardings[k]) for k, v in task.consts.items()}
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info("model %s: %s parameters; %d training examples, %d steps/epoch, %d steps planned",
                config.model.name, f"{n_params:,}", len(split.train_targets), steps_per_epoch,
                num_steps)
-  train_step = partitioner.partition_step(
-      functools.partial(ts.train_step, model=model, tx=tx,
-                        loss_positions=config.model.loss_positions),
+  step_fn = partitioner.partition_step(
+      functools.partial(ts.train_step, task=task, tx=tx),
       in_shardings=(state_shardings, {k: partitioner.batch_sharding(n)
-                                      for k, n in TRAIN_BATCH_SPEC.items()}),
+                                      for k, n in task.train_fields.items()}, consts_shardings),
       out_shardings=(state_shardings, partitioner.replicated),
       donate_argnums=(0,))
+
+  def train_step(state, host_batch):
+    """host rows -> task fields -> global arrays -> one sharded step."""
+    batch = partitioner.shard_inputs(task.host_batch(host_batch))
+    return step_fn(state, batch, consts)
+
+  train_step.jitted = step_fn.jitted
+  train_step.device_batch = lambda host_batch: partitioner.shard_inputs(task.host_batch(host_batch))
+  train_step.consts = consts
   history_len = int(dataset.lengths.max()) if config.eval.exclude_seen else 0
   eval_spec = {"inputs": 2, "targets": 1, "users": 1, "weights": 1}
   if history_len:
@@ -141,13 +158,13 @@ def build_experiment(config: ml_collections.ConfigDict, split=None) -> Experimen
   eval_step = partitioner.partition_step(
       functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
                         exclude_seen=bool(config.eval.exclude_seen)),
-      in_shardings=(state_shardings.params, {k: partitioner.batch_sharding(n)
-                                             for k, n in eval_spec.items()}),
+      in_shardings=(task.backbone_params(state_shardings.params),
+                    {k: partitioner.batch_sharding(n) for k, n in eval_spec.items()}),
       out_shardings=partitioner.replicated)
   evaluate = Evaluator(split, partitioner, eval_step, max_len, config.eval.batch_size,
-                       tuple(config.eval.ks), history_len)
-  return Experiment(config, split, partitioner, model, tx, state, state_shardings, train_step,
-                    evaluate, iterator, steps_per_epoch, num_steps, n_params)
+                       tuple(config.eval.ks), history_len, task.backbone_params)
+  return Experiment(config, split, partitioner, model, task, consts, tx, state, state_shardings,
+                    train_step, evaluate, iterator, steps_per_epoch, num_steps, n_params)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -169,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  exp = build_experiment(config)
+  exp = build_experiment(config, workdir=workdir)
   split, partitioner, state, iterator = exp.split, exp.partitioner, exp.state, exp.iterator
   dataset = split.dataset
   train_step, evaluate = exp.train_step, exp.evaluate
@@ -196,8 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   pending = []  # device-side train metrics since the last log
   progress = _progress(num_steps, step, enabled=is_main and config.train.progress)
   while not loop["finished"] and step < num_steps:
-    host_batch = next(iterator)
-    state, train_metrics = train_step(state, partitioner.shard_inputs(host_batch))
+    state, train_metrics = train_step(state, next(iterator))
     step += 1
     pending.append(train_metrics)
     progress.update(1)
@@ -275,11 +291,15 @@ def _check_batch(batch_size: int, partitioner: sharding.Partitioner, key: str) -
 
 
 def _summarise(pending) -> Dict[str, float]:
+  """Host-side means of the train metrics since the last log (loss weighted by rows)."""
   got = jax.device_get(pending)
   loss_sum = sum(float(m["loss_sum"]) for m in got)
   weight_sum = sum(float(m["weight_sum"]) for m in got)
-  return {"loss": loss_sum / max(weight_sum, 1.0),
-          "grad_norm": float(np.mean([float(m["grad_norm"]) for m in got]))}
+  out = {"loss": loss_sum / max(weight_sum, 1.0)}
+  for key in got[0]:
+    if key not in ("loss_sum", "weight_sum"):
+      out[key] = float(np.mean([float(m[key]) for m in got]))
+  return out
 
 
 class _NoProgress:

@@ -1,4 +1,4 @@
-"""The train state and the pure, top-level train / eval steps of next-item prediction."""
+"""The train state and the pure, top-level train and eval steps (the loss comes from a task)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from seqrec_jax import metrics as metrics_lib
+from seqrec_jax import tasks
 
 
 @flax.struct.dataclass
@@ -30,83 +31,48 @@ class TrainState:
   rng: jax.Array
 
 
-def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               max_len: int) -> TrainState:
-  """Initialises parameters (still boxed with logical axes) and optimizer state."""
+def init_state(rng: jax.Array, *, task: Any, tx: optax.GradientTransformation) -> TrainState:
+  """Initialises the task's parameters (still boxed with logical axes) and the optimizer state."""
   params_rng, base_rng = jax.random.split(rng)
-  params = model.init({"params": params_rng}, jnp.ones((1, max_len), jnp.int32))["params"]
+  params = task.init_params(params_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(base_rng))
 
 
-def _logits_at_last(module, inputs, train):
-  return module.score(module(inputs, train=train))
-
-
-def _logits_everywhere(module, inputs, train):
-  return module.score(module.encode(inputs, train=train))
-
-
-def next_item_loss(params: Any, batch: Dict[str, jax.Array], rng: jax.Array, *,
-                   model: nn.Module, loss_positions: str = "last", train: bool = True):
-  """Cross-entropy over all items for next-item prediction.
+def train_step(state: TrainState, batch: Dict[str, jax.Array], consts: Dict[str, jax.Array], *,
+               task: Any, tx: optax.GradientTransformation):
+  """One optimizer step on the task's weighted mean loss.
 
   Args:
-    params: model parameters.
-    batch: inputs [B, L], targets [B], target_seq [B, L] (for "all"), weights [B].
-    rng: dropout key.
-    model: the encoder.
-    loss_positions: "last" (the SRA-CL reference: CE at the last position only) or "all" (CE at
-      every non-padding position against the next item).
-    train: dropout on/off.
+    state: the train state (donated).
+    batch: the global batch (fields per `task.train_fields`).
+    consts: the task's device-resident arrays.
+    task: a `seqrec_jax.tasks` task.
+    tx: the optimizer.
 
   Returns:
-    (sum of weighted CE, sum of weights): the caller divides, so padding rows count for nothing.
-  """
-  variables = {"params": params}
-  if loss_positions == "last":
-    logits = model.apply(variables, batch["inputs"], train, rngs={"dropout": rng},
-                         method=_logits_at_last)  # [B, V]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B]
-    w = batch["weights"]
-  elif loss_positions == "all":
-    logits = model.apply(variables, batch["inputs"], train, rngs={"dropout": rng},
-                         method=_logits_everywhere)  # [B, L, V]
-    targets = batch["target_seq"]  # [B, L], 0 where the input is padding
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
-    w = batch["weights"][:, None] * (targets > 0)
-  else:
-    raise ValueError(f"loss_positions must be 'last' or 'all', got {loss_positions!r}")
-  ce = jnp.where(w > 0, ce, 0.0)  # padding rows may hold -inf-derived values
-  return jnp.sum(ce * w), jnp.sum(w)
-
-
-def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, loss_positions: str = "last"):
-  """One optimizer step on the weighted mean next-item loss.
-
-  Returns:
-    (new state, {"loss_sum", "weight_sum", "grad_norm"}).
+    (new state, {"loss_sum", "weight_sum", "grad_norm", **task metrics}).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
-    loss_sum, weight_sum = next_item_loss(params, batch, rng, model=model,
-                                          loss_positions=loss_positions)
-    return loss_sum / jnp.maximum(weight_sum, 1.0), (loss_sum, weight_sum)
+    loss_sum, weight_sum, extra = task.loss(params, batch, consts, rng)
+    return loss_sum / jnp.maximum(weight_sum, 1.0), (loss_sum, weight_sum, extra)
 
-  (_, (loss_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss_sum, weight_sum, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {"loss_sum": loss_sum, "weight_sum": weight_sum,
-                     "grad_norm": optax.tree.norm(grads)}
+                     "grad_norm": optax.tree.norm(grads), **extra}
 
 
-def eval_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module,
+def eval_step(backbone_params: Any, batch: Dict[str, jax.Array], *, model: nn.Module,
               ks: Sequence[int] = metrics_lib.DEFAULT_KS, exclude_seen: bool = False):
   """Full-ranking metric sums for one batch (the target is ranked among all items)."""
-  scores = model.apply({"params": params}, batch["inputs"], False, method=_logits_at_last)
+  scores = model.apply({"params": backbone_params}, batch["inputs"], False,
+                       method=tasks._logits_at_last)  # pylint: disable=protected-access
   ranks = metrics_lib.target_ranks(scores, batch["targets"],
                                    batch["history"] if exclude_seen else None)
   return metrics_lib.ranking_sums(ranks, batch["weights"], ks)

@@ -11,7 +11,7 @@ import pytest
 
 from seqrec_jax import loop
 from seqrec_jax import metrics as metrics_lib
-from seqrec_jax import models, optim, sharding
+from seqrec_jax import models, optim, sharding, tasks
 from seqrec_jax import train_state as ts
 from seqrec_jax.default_config import base_config
 
@@ -125,14 +125,15 @@ def _one_config_state(mesh_shape, num_devices, n_items=40):
   c.mesh.num_devices = num_devices
   p = sharding.partitioner_from_config(c.mesh)
   model, _ = models.build_model(c.model, n_items=n_items, max_len=8)
+  task = tasks.make_task(c, None, model)
   tx = optim.make_optimizer(c.optim, 10)
-  state, sh = p.partition_init(functools.partial(ts.init_state, model=model, tx=tx, max_len=8),
+  state, sh = p.partition_init(functools.partial(ts.init_state, task=task, tx=tx),
                                jax.random.key(0))
-  spec = {"inputs": 2, "targets": 1, "target_seq": 2, "users": 1, "weights": 1}
-  step = p.partition_step(functools.partial(ts.train_step, model=model, tx=tx),
-                          in_shardings=(sh, {k: p.batch_sharding(n) for k, n in spec.items()}),
+  step = p.partition_step(functools.partial(ts.train_step, task=task, tx=tx),
+                          in_shardings=(sh, {k: p.batch_sharding(n)
+                                             for k, n in task.train_fields.items()}, {}),
                           out_shardings=(sh, p.replicated), donate_argnums=(0,))
-  return p, state, step
+  return p, state, lambda s_, b_: step(s_, b_, {})
 
 
 def _batch(seed, n_items=40):
@@ -142,7 +143,7 @@ def _batch(seed, n_items=40):
   return {"inputs": inputs, "targets": rng.integers(1, n_items + 1, 32).astype(np.int32),
           "target_seq": np.concatenate([inputs[:, 1:], rng.integers(1, n_items + 1, (32, 1))],
                                        axis=1).astype(np.int32),
-          "users": np.arange(32, dtype=np.int32),
+          "users": np.arange(32, dtype=np.int32), "examples": np.arange(32, dtype=np.int32),
           "weights": (np.arange(32) < 30).astype(np.float32)}
 
 

@@ -187,6 +187,7 @@ class TrainIterator:
         "targets": self._items[t].astype(np.int32),                                # [b]
         "target_seq": gather_windows(self._items, t + 1, starts + 1, self._max_len),  # [b, L]
         "users": users.astype(np.int32),                                           # [b]
+        "examples": rows.astype(np.int32),  # [b] index into split.train_targets (SRA-CL keys)
     }
 
 
