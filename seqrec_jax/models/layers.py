@@ -54,7 +54,8 @@ class Dropout(nn.Module):
       n = x.size
       words = jax.random.bits(rng, (-(-n // 4),), jnp.uint32)
       byte = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
-    return jnp.where(byte >= threshold, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+    scale = jnp.asarray(1.0 / keep_prob, x.dtype)  # a multiply, not a divide, per element
+    return jnp.where(byte >= threshold, x * scale, jnp.zeros_like(x))
 
 
 class Embed(nn.Module):
