@@ -32,6 +32,7 @@ DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
+    ("mlp_out", None),  # second width axis of square [mlp, mlp] kernels (GRU recurrences)
     ("heads", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),

@@ -12,11 +12,13 @@ from typing import Any, Callable, Dict
 
 import ml_collections
 
+from seqrec_jax.models.gru4rec import GRU4Rec, GRU4RecConfig
 from seqrec_jax.models.sasrec import SASRec, SASRecConfig
 
 # name -> (module class, config dataclass)
 _REGISTRY: Dict[str, Any] = {
     "sasrec": (SASRec, SASRecConfig),
+    "gru4rec": (GRU4Rec, GRU4RecConfig),
 }
 
 
