@@ -1,0 +1,162 @@
+"""SRA-CL as a task of the shared loop: L = L_rec + alpha * L_CS + beta * L_IS.
+
+  * L_rec: cross-entropy over all items (the backbone's next-item loss).
+  * L_CS (inter-user): the prefix is encoded a second time (independent dropout) and contrasted,
+    NT-Xent, with a positive synthesized from its k semantically retrieved neighbour prefixes:
+    each neighbour sequence is encoded by the same backbone (with gradients) and the learnable
+    Synthesizer mixes them with attention scored from frozen semantic vectors.
+  * L_IS (intra-user): two views of the input, each non-padding item replaced with probability
+    `sub_prob` by a random member of its top-k semantic neighbours, contrasted with NT-Xent.
+
+Only the backbone runs at evaluation and serving (`backbone_params`).
+
+Work split: the host gathers, per batch, the neighbour prefixes' input windows and the frozen
+semantic vectors (host memory O(n_prefixes x d_sem), device traffic O(batch x k x (L + d_sem)));
+the device does every encoder pass, the substitution (`augment.substitute`, vectorised with
+jax.random) and the losses.  The item-neighbour table is a device constant.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from seqrec_jax import tasks
+from seqrec_jax.data.batching import gather_windows
+from sracl_jax import augment
+from sracl_jax import losses
+from sracl_jax.synthesizer import Synthesizer
+
+
+def default_sracl_config() -> ml_collections.ConfigDict:
+  """The `config.sracl` section with the reference code's settings."""
+  from sracl_jax.semantic.pipeline import default_semantic_config  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.alpha = 0.1  # weight of the inter-user term L_CS
+  c.beta = 0.1  # weight of the intra-user term L_IS
+  c.k = 10  # neighbours used (<= semantic.k)
+  c.temperature = 1.0  # NT-Xent temperature (reference: 1.0)
+  c.similarity = "dot"  # NT-Xent similarity: dot (reference) | cos
+  c.sub_prob = 0.2  # per-item substitution probability of L_IS views
+  c.synth_dropout = 0.5  # dropout on the synthesizer's attention weights
+  c.synth_gain = 1.414  # Xavier gain of the synthesizer's W and a
+  c.semantic_dir = ""  # tables from launch/embed.py; "" = <workdir>/semantic (built if missing)
+  c.semantic = default_semantic_config()
+  return c
+
+
+class SRACLTask:
+  """SRA-CL on any registered backbone encoder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: Any, model: Any, workdir: str = ""):
+    from sracl_jax.semantic import pipeline  # pylint: disable=g-import-not-at-top
+    cfg = config.sracl
+    if cfg.k < 1 or cfg.k > cfg.semantic.k:
+      raise ValueError(f"config.sracl.k={cfg.k} must be in 1..config.sracl.semantic.k="
+                       f"{cfg.semantic.k}")
+    if not 0.0 <= cfg.sub_prob <= 1.0:
+      raise ValueError(f"config.sracl.sub_prob={cfg.sub_prob} must be in [0, 1]")
+    self.model = model
+    self.cfg = cfg
+    self.max_len = config.data.max_len
+    self.loss_positions = config.model.loss_positions
+    self.hidden = model.config.hidden
+    out_dir = cfg.semantic_dir or os.path.join(workdir or ".", "semantic")
+    tables = pipeline.build_semantic_tables(split, cfg.semantic, out_dir)
+    n_train = len(split.train_targets)
+    if tables.prefix_embeddings.shape[0] != n_train:
+      raise ValueError(f"semantic tables in {out_dir} have {tables.prefix_embeddings.shape[0]} "
+                       f"prefix rows but the split has {n_train} training examples")
+    if tables.item_neighbours.shape[0] != split.dataset.n_items + 1:
+      raise ValueError(f"semantic tables in {out_dir} have {tables.item_neighbours.shape[0]} item "
+                       f"rows, expected n_items + 1 = {split.dataset.n_items + 1}")
+    self._split = split
+    self._items = split.dataset.items
+    self._user_start = split.dataset.offsets[:-1]
+    self._prefix_emb = np.ascontiguousarray(tables.prefix_embeddings, np.float32)  # [n_train, S]
+    self._prefix_nbrs = np.ascontiguousarray(tables.prefix_neighbours[:, :cfg.k])  # [n_train, k]
+    self.sem_dim = self._prefix_emb.shape[1]
+    self.synthesizer = Synthesizer(features=self.hidden, dropout=cfg.synth_dropout,
+                                   gain=cfg.synth_gain)
+    self.train_fields = dict(tasks.BASE_TRAIN_FIELDS, user_sem=2, nbr_inputs=3, nbr_sem=3)
+    self.consts = {"item_neighbours": np.ascontiguousarray(
+        tables.item_neighbours[:, :cfg.semantic.k], np.int32)}  # [n_items + 1, k_sem]
+    self.consts_axes = {"item_neighbours": (None, None)}
+    logging.info("SRA-CL: alpha=%g beta=%g k=%d, %d prefix vectors of dim %d from %s", cfg.alpha,
+                 cfg.beta, cfg.k, n_train, self.sem_dim, out_dir)
+
+  def host_batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Adds the neighbour prefixes' input windows and the frozen semantic vectors."""
+    examples = batch["examples"]  # [b]
+    nbrs = self._prefix_nbrs[examples]  # [b, k]
+    ends = self._split.train_targets[nbrs.ravel()]
+    starts = self._user_start[self._split.train_users[nbrs.ravel()]]
+    b, k = nbrs.shape
+    out = dict(batch)
+    out["nbr_inputs"] = gather_windows(self._items, ends, starts, self.max_len).reshape(
+        b, k, self.max_len)  # [b, k, L]
+    out["user_sem"] = self._prefix_emb[examples]  # [b, S]
+    out["nbr_sem"] = self._prefix_emb[nbrs]  # [b, k, S]
+    return out
+
+  def init_params(self, rng: jax.Array) -> Any:
+    backbone_rng, synth_rng = jax.random.split(rng)
+    backbone = self.model.init({"params": backbone_rng},
+                               jnp.ones((1, self.max_len), jnp.int32))["params"]
+    k = self.cfg.k
+    synth = self.synthesizer.init(
+        synth_rng, jnp.zeros((1, self.sem_dim)), jnp.zeros((1, k, self.sem_dim)),
+        jnp.zeros((1, k, self.hidden)), train=False)["params"]
+    return {"backbone": backbone, "synthesizer": synth}
+
+  def backbone_params(self, params: Any) -> Any:
+    return params["backbone"]
+
+  def loss(self, params, batch, consts, rng):
+    """(weighted total loss sum, weight sum, component metrics); see the module docstring."""
+    cfg = self.cfg
+    rngs = jax.random.split(rng, 7)
+    backbone = params["backbone"]
+    rec_sum, weight_sum = tasks.next_item_loss(backbone, batch, rngs[0], model=self.model,
+                                               loss_positions=self.loss_positions)
+    weights = batch["weights"]
+    denom = jnp.maximum(weight_sum, 1.0)
+    rec = rec_sum / denom
+
+    def encode(inputs, key):  # [N, L] -> [N, D] sequence vectors, dropout on
+      return self.model.apply({"params": backbone}, inputs, train=True, rngs={"dropout": key})
+
+    total = rec
+    metrics = {"rec_loss": rec}
+    if cfg.alpha:
+      b, k, length = batch["nbr_inputs"].shape
+      h_user = encode(batch["inputs"], rngs[1])  # [B, D]
+      h_nbrs = encode(batch["nbr_inputs"].reshape(b * k, length), rngs[2]).reshape(b, k, -1)
+      positive = self.synthesizer.apply(
+          {"params": params["synthesizer"]}, batch["user_sem"], batch["nbr_sem"], h_nbrs,
+          train=True, rngs={"dropout": rngs[3]})  # [B, D]
+      cs_sum, cs_w = losses.nt_xent(h_user, positive, weights, cfg.temperature, cfg.similarity)
+      user_cl = cs_sum / jnp.maximum(cs_w, 1.0)
+      total = total + cfg.alpha * user_cl
+      metrics["user_cl"] = user_cl
+    if cfg.beta:
+      table = consts["item_neighbours"]
+      view1 = augment.substitute(rngs[4], batch["inputs"], table, cfg.sub_prob)
+      view2 = augment.substitute(rngs[5], batch["inputs"], table, cfg.sub_prob)
+      key1, key2 = jax.random.split(rngs[6])
+      is_sum, is_w = losses.nt_xent(encode(view1, key1), encode(view2, key2), weights,
+                                    cfg.temperature, cfg.similarity)
+      item_cl = is_sum / jnp.maximum(is_w, 1.0)
+      total = total + cfg.beta * item_cl
+      metrics["item_cl"] = item_cl
+    # The loop divides by weight_sum: hand it total * weight_sum.
+    return total * weight_sum, weight_sum, metrics
+
+
+tasks.register("sracl", SRACLTask)
