@@ -22,8 +22,13 @@ def get_config(arg=None):
   c.sracl.semantic.domain = "movie"
   if "tiny" in flags:
     shrink_to_tiny(c)
+    # SRA-CL runs 2 + k + 2 encoder passes per example: shrink further for a 1-2 minute run.
+    c.data.max_len = 20
+    c.train.batch_size = 64
+    c.train.num_steps = 40
+    c.train.eval_every_steps = 20
     c.sracl.semantic.user_mode = "user"  # 943 user texts instead of ~97k prefix texts
-    c.sracl.semantic.max_seq_length = 64
+    c.sracl.semantic.max_seq_length = 32
   return c
 
 
