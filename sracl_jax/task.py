@@ -68,7 +68,15 @@ class SRACLTask:
     self.loss_positions = config.model.loss_positions
     self.hidden = model.config.hidden
     out_dir = cfg.semantic_dir or os.path.join(workdir or ".", "semantic")
-    tables = pipeline.build_semantic_tables(split, cfg.semantic, out_dir)
+    # Process 0 builds (or loads) the tables; the others wait and load its files (multi-host runs
+    # need the workdir on a shared filesystem, as for checkpoints).
+    if jax.process_index() == 0:
+      tables = pipeline.build_semantic_tables(split, cfg.semantic, out_dir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("sracl_semantic_tables")
+      if jax.process_index() != 0:
+        tables = pipeline.load_tables(out_dir)
     n_train = len(split.train_targets)
     if tables.prefix_embeddings.shape[0] != n_train:
       raise ValueError(f"semantic tables in {out_dir} have {tables.prefix_embeddings.shape[0]} "
