@@ -27,6 +27,7 @@ from absl import logging
 
 from seqrec_jax import checkpointing
 from seqrec_jax import data as data_lib
+from seqrec_jax import fileio
 from seqrec_jax import metrics as metrics_lib
 from seqrec_jax import models
 from seqrec_jax import optim
@@ -272,10 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   }
   writer.write(results["best_step"], "test", results["test"])
   if is_main:
-    tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
+    fileio.atomic_write(os.path.join(workdir, RESULTS_FILE),
+                        lambda f: json.dump(results, f, indent=2), mode="w")
     logging.info("results:\n%s", format_results(results))
   ckpt.close()
   writer.close()

@@ -44,8 +44,7 @@ class GRU4RecConfig:
 
   @property
   def table_rows(self) -> int:
-    m = max(1, self.vocab_pad_multiple)
-    return -(-(self.n_items + 1) // m) * m
+    return layers.padded_rows(self.n_items, self.vocab_pad_multiple)
 
   def train_flops_per_sequence(self, loss_positions: str = "last") -> float:
     """Matmul FLOPs of one training sequence (3 x forward): 3 gates x (input + state) per step."""
@@ -115,7 +114,4 @@ class GRU4Rec(nn.Module):
 
   def score(self, user_vectors: jax.Array) -> jax.Array:
     """[..., D] -> [..., table_rows] scores; non-item rows are -inf."""
-    logits = self.item_embedding.attend(user_vectors).astype(jnp.float32)
-    ids = jnp.arange(self.config.table_rows)
-    real = (ids >= 1) & (ids <= self.config.n_items)
-    return jnp.where(real, logits, -jnp.inf)
+    return layers.mask_non_items(self.item_embedding.attend(user_vectors), self.config.n_items)

@@ -17,6 +17,19 @@ def _normal(std):
   return nn.initializers.normal(stddev=std)
 
 
+def padded_rows(n_items: int, multiple: int) -> int:
+  """Rows of an item table: n_items + 1 (row 0 = padding) rounded up to `multiple`."""
+  m = max(1, multiple)
+  return -(-(n_items + 1) // m) * m
+
+
+def mask_non_items(logits: jax.Array, n_items: int) -> jax.Array:
+  """float32 scores with the padding row 0 and the filler rows past n_items set to -inf."""
+  ids = jnp.arange(logits.shape[-1])
+  real = (ids >= 1) & (ids <= n_items)
+  return jnp.where(real, logits.astype(jnp.float32), -jnp.inf)
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, x * Phi(x), as RecBole's SASRec uses.
 

@@ -85,8 +85,7 @@ class SASRecConfig:
   @property
   def table_rows(self) -> int:
     """Rows of the item table: n_items + 1 (padding row) rounded up to vocab_pad_multiple."""
-    m = max(1, self.vocab_pad_multiple)
-    return -(-(self.n_items + 1) // m) * m
+    return layers.padded_rows(self.n_items, self.vocab_pad_multiple)
 
 
 class SASRec(nn.Module):
@@ -151,6 +150,4 @@ class SASRec(nn.Module):
     logits = self.item_embedding.attend(user_vectors)  # [..., V]
     logits = nn.with_logical_constraint(logits, ("batch", "vocab") if logits.ndim == 2
                                         else ("batch", "length", "vocab"))
-    ids = jnp.arange(self.config.table_rows)
-    real = (ids >= 1) & (ids <= self.config.n_items)
-    return jnp.where(real, logits.astype(jnp.float32), -jnp.inf)
+    return layers.mask_non_items(logits, self.config.n_items)

@@ -21,7 +21,6 @@ import http.client
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 import urllib.error
@@ -30,6 +29,8 @@ import urllib.request
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
+
+from seqrec_jax import fileio
 from tqdm import tqdm
 
 from sracl_jax.semantic import prompts as prompts_lib
@@ -265,19 +266,7 @@ class ChatClient:
              "prompt": prompt, "answer": answer, "time": time.time()}
     if self.extra_body:
       entry["extra_body"] = self.extra_body
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(entry, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      try:
-        os.unlink(tmp)
-      except OSError:
-        pass
-      raise
+    fileio.atomic_write(path, lambda f: json.dump(entry, f, ensure_ascii=False), mode="w")
 
   # -- requests --------------------------------------------------------------------------------
 

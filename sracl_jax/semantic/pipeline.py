@@ -41,11 +41,12 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
+
+from seqrec_jax import fileio
 import ml_collections
 import numpy as np
 
@@ -213,20 +214,7 @@ def fingerprint(split: Any, opts: Mapping[str, Any]) -> Tuple[str, Dict[str, Any
 
 
 def _atomic_write(path: str, write) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+  fileio.atomic_write(path, write, mode="wb")
 
 
 def _json_default(x):

@@ -1,0 +1,31 @@
+"""Crash-safe file writes: a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, IO
+
+
+def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
+  """Writes `path` through a temporary file in the same folder, fsync, then `os.replace`.
+
+  Args:
+    path: destination file.
+    write: called with the open temporary file.
+    mode: "wb" (binary) or "w" (UTF-8 text).
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
