@@ -281,6 +281,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   return results
 
 
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (<workdir>/config.json)."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a workdir written by launch/train.py?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, Any]:
+  """Valid and test metrics of a workdir's best checkpoint.
+
+  Args:
+    workdir: a workdir written by `train_and_evaluate`.
+    exclude_seen: rank with history items removed (off in both papers' protocol).
+
+  Returns:
+    {"valid": {...}, "test": {...}, "best_step": n}.
+  """
+  config = load_workdir_config(workdir)
+  config.eval.exclude_seen = bool(exclude_seen)
+  exp = build_experiment(config, workdir=os.path.abspath(os.path.expanduser(workdir)))
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                    async_save=False)
+  try:
+    params, meta = ckpt.restore_best(exp.state.params)
+  finally:
+    ckpt.close()
+  return {"valid": exp.evaluate(params, "valid"), "test": exp.evaluate(params, "test"),
+          "best_step": int(meta["step"])}
+
+
 def _check_batch(batch_size: int, partitioner: sharding.Partitioner, key: str) -> None:
   shards = partitioner.batch_size_multiple
   procs = jax.process_count()

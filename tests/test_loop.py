@@ -193,3 +193,16 @@ def test_resume_after_dying_between_best_and_periodic_save(pairs_file, tmp_path)
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
   resumed = loop.train_and_evaluate(small_config(pairs_file), str(tmp_path / "b"))
   assert resumed["test"] == straight["test"]
+
+
+def test_evaluate_workdir_reproduces_results(pairs_file, tmp_path):
+  c = small_config(pairs_file)
+  c.train.num_steps = 20
+  results = loop.train_and_evaluate(c, str(tmp_path))
+  again = loop.evaluate_workdir(str(tmp_path))
+  assert again["test"] == results["test"] and again["best_step"] == results["best_step"]
+  excluded = loop.evaluate_workdir(str(tmp_path), exclude_seen=True)
+  # Removing history items can only move targets up.
+  assert excluded["test"]["HR@10"] >= results["test"]["HR@10"]
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    loop.evaluate_workdir(str(tmp_path / "nothing"))
