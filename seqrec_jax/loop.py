@@ -287,7 +287,13 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a workdir written by launch/train.py?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    validate_config(config)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{path} does not fit this version of seqrec_jax (written by another version?):"
+                     f" {e}") from e
+  return config
 
 
 def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, Any]:
