@@ -101,7 +101,7 @@ class NextItemTask:
 
 _TASKS: Dict[str, Callable[..., Any]] = {"next_item": NextItemTask}
 # Tasks defined outside the core register on import of their module.
-_TASK_MODULES = {"sracl": "sracl_jax.task"}
+_TASK_MODULES = {"sracl": "sracl_jax.task", "cloze": "seqrec_jax.cloze"}
 
 
 def register(name: str, factory: Callable[..., Any]) -> None:
