@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict
 
 import ml_collections
 
+from seqrec_jax.models.bert4rec import BERT4Rec, BERT4RecConfig
 from seqrec_jax.models.gru4rec import GRU4Rec, GRU4RecConfig
 from seqrec_jax.models.sasrec import SASRec, SASRecConfig
 
@@ -19,6 +20,7 @@ from seqrec_jax.models.sasrec import SASRec, SASRecConfig
 _REGISTRY: Dict[str, Any] = {
     "sasrec": (SASRec, SASRecConfig),
     "gru4rec": (GRU4Rec, GRU4RecConfig),
+    "bert4rec": (BERT4Rec, BERT4RecConfig),
 }
 
 

@@ -1,0 +1,159 @@
+"""BERT4Rec (Sun et al., 2019): a bidirectional transformer trained by the cloze objective.
+
+Same layout as SASRec (item + learned position embedding -> LayerNorm -> dropout -> post-LN
+blocks, tied output layer), but attention is bidirectional: every position sees every non-padding
+key.  The item table has one extra row, `mask_id = n_items + 1`, for the [MASK] token.
+
+The next-item representation (what evaluation and SRA-CL's contrastive terms read through
+`__call__`) follows BERT4Rec's inference: drop the oldest position, append [MASK] at the end, and
+take the encoder output there.  Training is the cloze task in `seqrec_jax.cloze`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seqrec_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class BERT4RecConfig:
+  """Hyper-parameters of BERT4Rec.
+
+  Attributes:
+    n_items: number of real items; ids are 1..n_items, 0 is padding, n_items + 1 is [MASK].
+    max_len: input window length L.
+    hidden: model width D.
+    n_layers: transformer blocks.
+    n_heads: attention heads (hidden % n_heads == 0).
+    inner: FFN width.
+    dropout: hidden dropout rate.
+    attn_dropout: dropout on attention probabilities.
+    act: FFN activation, "gelu" or "relu".
+    ln_eps: LayerNorm epsilon.
+    init_std: std of the normal initialiser of embeddings and dense kernels.
+    vocab_pad_multiple: the table's n_items + 2 rows (padding, items, mask) are rounded up to this
+      multiple; padding, mask and filler rows never score.
+    dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+    mask_prob: cloze masking probability per non-padding position (read by the cloze task).
+  """
+  n_items: int
+  max_len: int
+  hidden: int = 64
+  n_layers: int = 2
+  n_heads: int = 2
+  inner: int = 256
+  dropout: float = 0.2
+  attn_dropout: float = 0.2
+  act: str = "gelu"
+  ln_eps: float = 1e-12
+  init_std: float = 0.02
+  vocab_pad_multiple: int = 64
+  dtype: str = "float32"
+  mask_prob: float = 0.2
+
+  def __post_init__(self):
+    if self.hidden % self.n_heads:
+      raise ValueError(f"model.hidden={self.hidden} is not divisible by model.n_heads={self.n_heads}")
+    if self.act not in ("gelu", "relu"):
+      raise ValueError(f"model.act must be 'gelu' or 'relu', got {self.act!r}")
+    if self.n_items < 1 or self.max_len < 1:
+      raise ValueError(f"n_items={self.n_items} and max_len={self.max_len} must be positive")
+    if not 0.0 <= self.mask_prob <= 1.0:
+      raise ValueError(f"model.mask_prob must be in [0, 1], got {self.mask_prob}")
+
+  @property
+  def mask_id(self) -> int:
+    """The [MASK] token's id (the row right after the last item)."""
+    return self.n_items + 1
+
+  @property
+  def table_rows(self) -> int:
+    """Rows of the item table: n_items + 2 (padding and mask rows) rounded up."""
+    return layers.padded_rows(self.n_items + 1, self.vocab_pad_multiple)
+
+  def train_flops_per_sequence(self, loss_positions: str = "masked") -> float:
+    """Model FLOPs of one cloze training sequence (forward + backward = 3 x forward).
+
+    Every position runs every block (bidirectional: no last-only shortcut): per token and layer
+    8 D^2 + 4 D I + 4 L D.  The output layer scores all L positions (as the cloze task does, then
+    keeps the masked ones), 2 D rows per position; with loss_positions="last" only one position.
+    """
+    d, i, l = self.hidden, self.inner, self.max_len
+    per_token = 8 * d * d + 4 * d * i + 4 * l * d
+    encoder = l * self.n_layers * per_token
+    output = 2 * d * self.table_rows * (1 if loss_positions == "last" else l)
+    return 3.0 * (encoder + output)
+
+
+class BERT4Rec(nn.Module):
+  """Bidirectional transformer encoder with a tied item-embedding output layer."""
+  config: BERT4RecConfig
+
+  def setup(self):
+    cfg = self.config
+    self.item_embedding = layers.Embed(cfg.table_rows, cfg.hidden, cfg.init_std, name="item_embedding")
+    self.position_embedding = self.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("length", "embed")),
+        (cfg.max_len, cfg.hidden), jnp.float32)
+    self.input_norm = layers.LayerNorm(cfg.ln_eps, name="input_norm")
+    self.blocks = [layers.PostLNBlock(
+        n_heads=cfg.n_heads, inner=cfg.inner, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+        act=cfg.act, ln_eps=cfg.ln_eps, init_std=cfg.init_std, dtype=cfg.dtype, name=f"block_{i}")
+                   for i in range(cfg.n_layers)]
+    self.dropout = layers.Dropout(cfg.dropout)
+
+  def encode(self, inputs: jax.Array, *, train: bool, last_only: bool = False) -> jax.Array:
+    """Encodes left-padded item sequences bidirectionally.
+
+    Args:
+      inputs: [B, L] int32 ids: 0 = padding, 1..n_items items, n_items + 1 = [MASK].
+      train: enables dropout (needs a "dropout" rng).
+      last_only: the final block computes the last position only (same values there).
+
+    Returns:
+      [B, L, D] hidden states at every position, or [B, 1, D] with last_only.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    length = inputs.shape[1]
+    if length > cfg.max_len:
+      raise ValueError(f"input length {length} exceeds model max_len {cfg.max_len}")
+    x = self.item_embedding(inputs)  # [B, L, D]
+    x = x + self.position_embedding[None, cfg.max_len - length:]  # right-aligned positions
+    x = self.dropout(self.input_norm(x), deterministic=not train).astype(dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    valid = inputs > 0  # [B, L]
+    mask = jnp.broadcast_to(valid[:, None, None, :], (inputs.shape[0], 1, length, length))
+    for i, block in enumerate(self.blocks):
+      x = block(x, mask, train=train, last_only=last_only and i == len(self.blocks) - 1)
+    return x
+
+  def next_item_inputs(self, inputs: jax.Array) -> jax.Array:
+    """[B, L] window -> [B, L] window with the oldest position dropped and [MASK] appended."""
+    mask = jnp.full((inputs.shape[0], 1), self.config.mask_id, inputs.dtype)
+    return jnp.concatenate([inputs[:, 1:], mask], axis=1)
+
+  def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
+    """The next-item representation: [B, D] output at an appended [MASK] position."""
+    return self.encode(self.next_item_inputs(inputs), train=train, last_only=True)[:, -1]
+
+  def score(self, user_vectors: jax.Array) -> jax.Array:
+    """Scores every row of the item table.
+
+    Args:
+      user_vectors: [..., D].
+
+    Returns:
+      [..., table_rows] float32 scores; padding row 0, the mask row n_items + 1 and the filler
+      rows are -inf.
+    """
+    logits = self.item_embedding.attend(user_vectors)  # [..., V]
+    logits = nn.with_logical_constraint(logits, ("batch", "vocab") if logits.ndim == 2
+                                        else ("batch", "length", "vocab"))
+    return layers.mask_non_items(logits, self.config.n_items)

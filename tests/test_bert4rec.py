@@ -1,0 +1,178 @@
+"""BERT4Rec: bidirectional, padding-invariant encoder; [MASK]-appended next-item vector; the
+cloze task's loss; a short end-to-end run that learns; the config file."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from seqrec_jax import cloze, loop, models, tasks
+from seqrec_jax.models.bert4rec import BERT4Rec, BERT4RecConfig
+from seqrec_jax.models.sasrec import SASRec, SASRecConfig
+from tests.test_loop import _write_pairs, small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_ITEMS, L = 20, 6
+
+
+def _model(**kw):
+  cfg = BERT4RecConfig(n_items=N_ITEMS, max_len=L, hidden=16, n_layers=2, n_heads=2, inner=32,
+                       vocab_pad_multiple=8, **kw)
+  model = BERT4Rec(cfg)
+  params = model.init(jax.random.key(0), jnp.ones((1, L), jnp.int32))["params"]
+  return model, nn.meta.unbox(params)
+
+
+def test_config_rows_and_mask_id():
+  cfg = BERT4RecConfig(n_items=N_ITEMS, max_len=L, vocab_pad_multiple=8)
+  assert cfg.mask_id == 21 and cfg.table_rows == 24  # 22 rows (pad, 20 items, mask) -> 24
+  assert BERT4RecConfig(n_items=22, max_len=L, vocab_pad_multiple=8).table_rows == 24
+  assert BERT4RecConfig(n_items=23, max_len=L, vocab_pad_multiple=8).table_rows == 32
+  assert cfg.train_flops_per_sequence() > cfg.train_flops_per_sequence("last") > 0
+  with pytest.raises(ValueError, match="divisible"):
+    BERT4RecConfig(n_items=5, max_len=L, hidden=15, n_heads=2)
+
+
+def test_attention_is_bidirectional_unlike_sasrec():
+  model, params = _model()
+  a = jnp.array([[0, 3, 4, 5, 6, 7]], jnp.int32)
+  b = a.at[0, 4].set(12)  # change a LATER item
+  ea = model.apply({"params": params}, a, train=False, method=BERT4Rec.encode)
+  eb = model.apply({"params": params}, b, train=False, method=BERT4Rec.encode)
+  assert float(jnp.abs(ea[0, 2] - eb[0, 2]).max()) > 1e-4  # an earlier position sees it
+  scfg = SASRecConfig(n_items=N_ITEMS, max_len=L, hidden=16, n_layers=2, n_heads=2, inner=32,
+                      vocab_pad_multiple=8)
+  sas = SASRec(scfg)
+  sp = sas.init(jax.random.key(0), a)["params"]
+  sa = sas.apply({"params": sp}, a, train=False, method=SASRec.encode)
+  sb = sas.apply({"params": sp}, b, train=False, method=SASRec.encode)
+  assert float(jnp.abs(sa[0, 2] - sb[0, 2]).max()) < 1e-6  # causal: it does not
+
+
+def test_padding_invariant_and_call_is_masked_last_position():
+  model, params = _model()
+  x = jnp.array([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]], jnp.int32)
+  short = jnp.array([[0, 3, 4, 5, 6], [2, 3, 4, 5, 6]], jnp.int32)  # [B, 5]
+  v = model.apply({"params": params}, x, train=False)  # [B, D]
+  assert v.shape == (2, 16)
+  # Prepending padding (a longer, right-aligned window) changes nothing.
+  longer = jnp.array([[0, 0, 0, 0, 3, 4, 5, 6]], jnp.int32)
+  cfg8 = BERT4RecConfig(n_items=N_ITEMS, max_len=8, hidden=16, n_layers=2, n_heads=2, inner=32,
+                        vocab_pad_multiple=8)
+  p8 = dict(params, position_embedding=jnp.concatenate(
+      [jnp.zeros((2, 16)), params["position_embedding"]]))
+  v8 = BERT4Rec(cfg8).apply({"params": p8}, longer, train=False)
+  assert jnp.allclose(v8[0], v[0], atol=1e-5)
+  # __call__ == encode of (window without its oldest position, then [MASK]) at the last position.
+  shifted = jnp.concatenate([x[:, 1:], jnp.full((2, 1), model.config.mask_id)], axis=1)
+  enc = model.apply({"params": params}, shifted, train=False, method=BERT4Rec.encode)
+  assert jnp.allclose(v, enc[:, -1], atol=1e-5)
+  # The dropped oldest position: row 1's item 1 falls out, so it equals the short window's call.
+  vs = model.apply({"params": params}, jnp.concatenate(
+      [jnp.zeros((2, 1), jnp.int32), short], axis=1), train=False)
+  assert jnp.allclose(vs[1], v[1], atol=1e-5)
+
+
+def test_score_masks_padding_mask_and_filler_rows():
+  model, params = _model()
+  v = model.apply({"params": params}, jnp.array([[0, 0, 3, 4, 5, 6]], jnp.int32), train=False)
+  s = model.apply({"params": params}, v, method=BERT4Rec.score)  # [1, 24]
+  assert s.shape == (1, 24) and s.dtype == jnp.float32
+  assert bool(jnp.isneginf(s[0, 0])) and bool(jnp.isneginf(s[0, N_ITEMS + 1]))  # pad, mask
+  assert bool(jnp.all(jnp.isneginf(s[0, N_ITEMS + 1:])))  # mask + filler rows
+  assert bool(jnp.all(jnp.isfinite(s[0, 1:N_ITEMS + 1])))
+
+
+def _manual_loss(model, params, target_seq, weights, masked):
+  """The cloze loss written out by hand for a given mask (deterministic forward)."""
+  inputs = jnp.where(masked, model.config.mask_id, target_seq)
+  logits = model.apply({"params": params}, model.apply(
+      {"params": params}, inputs, train=False, method=BERT4Rec.encode), method=BERT4Rec.score)
+  total, count = 0.0, 0.0
+  for b in range(target_seq.shape[0]):
+    for i in range(target_seq.shape[1]):
+      if bool(masked[b, i]) and float(weights[b]) > 0:
+        lp = jax.nn.log_softmax(logits[b, i])
+        total += -float(lp[int(target_seq[b, i])]) * float(weights[b])
+        count += float(weights[b])
+  return total, count
+
+
+def test_cloze_loss_on_a_hand_batch():
+  model, params = _model(dropout=0.0, attn_dropout=0.0)
+  target_seq = jnp.array([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 7, 8]], jnp.int32)
+  weights = jnp.array([1.0, 1.0, 0.0])
+  batch = {"target_seq": target_seq, "weights": weights}
+  rng = jax.random.key(3)
+  # mask_prob = 0: only the last position is masked, so this is next-item CE at the [MASK] there.
+  loss, wsum, masked = cloze.cloze_loss(params, batch, rng, model=model, mask_id=21, mask_prob=0.0)
+  assert masked.tolist() == [[False] * 5 + [True]] * 3
+  assert float(wsum) == 2.0  # the weight-0 row counts for nothing
+  ref, count = _manual_loss(model, params, target_seq, weights, masked)
+  assert count == 2.0 and float(loss) == pytest.approx(ref, rel=1e-5)
+  # mask_prob = 1: every non-padding position is masked, padding never is.
+  loss1, wsum1, masked1 = cloze.cloze_loss(params, batch, rng, model=model, mask_id=21,
+                                           mask_prob=1.0)
+  assert (masked1 == (target_seq > 0)).all() and float(wsum1) == 4 + 6
+  ref1, _ = _manual_loss(model, params, target_seq, weights, masked1)
+  assert float(loss1) == pytest.approx(ref1, rel=1e-5)
+  # A random mask: within the non-padding positions, last one always in, and the loss sums
+  # exactly over it.
+  loss5, wsum5, masked5 = cloze.cloze_loss(params, batch, rng, model=model, mask_id=21,
+                                           mask_prob=0.5)
+  assert not (masked5 & (target_seq == 0)).any() and masked5[:, -1].all()
+  ref5, count5 = _manual_loss(model, params, target_seq, weights, masked5)
+  assert float(wsum5) == count5 and float(loss5) == pytest.approx(ref5, rel=1e-5)
+
+
+def _cloze_config(path):
+  c = small_config(path)
+  c.task.name = "cloze"
+  m = ml_collections.ConfigDict()
+  m.name = "bert4rec"
+  m.hidden, m.n_heads, m.inner, m.n_layers = 16, 2, 32, 1
+  m.dropout = m.attn_dropout = 0.1
+  m.vocab_pad_multiple = 8
+  m.mask_prob = 0.2
+  m.loss_positions = "last"
+  c.model = m
+  return c
+
+
+def test_task_registry_and_metrics(tmp_path):
+  c = _cloze_config(_write_pairs(str(tmp_path / "toy.txt")))
+  model, _ = models.build_model(c.model, n_items=N_ITEMS, max_len=8)
+  task = tasks.make_task(c, None, model)
+  assert isinstance(task, cloze.ClozeTask) and task.mask_id == N_ITEMS + 1
+  params = task.init_params(jax.random.key(0))
+  batch = {"target_seq": jnp.array([[0, 0, 0, 1, 2, 3, 4, 5]] * 4, jnp.int32),
+           "weights": jnp.ones(4)}
+  loss_sum, weight_sum, extra = task.loss(params, batch, {}, jax.random.key(1))
+  assert float(weight_sum) >= 4 and 0.2 <= float(extra["masked_fraction"]) <= 1.0
+  assert float(loss_sum) / float(weight_sum) == pytest.approx(math.log(N_ITEMS), rel=0.2)
+
+
+def test_cloze_training_learns(tmp_path):
+  c = _cloze_config(_write_pairs(str(tmp_path / "toy.txt")))
+  c.train.num_steps = 120
+  c.train.eval_every_steps = 60
+  c.optim.lr = 3e-3
+  results = loop.train_and_evaluate(c, str(tmp_path / "run"))
+  # Chance HR@10 is 10/40; the ring walk is learnable.
+  assert results["test"]["HR@10"] > 0.45, results["test"]
+
+
+def test_config_file_loads_tiny():
+  path = os.path.join(ROOT, "configs", "bert4rec", "ml100k.py")
+  spec = importlib.util.spec_from_file_location("bert4rec_cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  assert c.task.name == "cloze" and c.model.name == "bert4rec" and c.train.num_steps == 120
+  model, cfg = models.build_model(c.model, n_items=1682, max_len=c.data.max_len)
+  assert isinstance(model, BERT4Rec) and cfg.mask_prob == 0.2 and cfg.table_rows == 1728
