@@ -1,0 +1,93 @@
+"""2 processes x 4 CPU devices (gloo on 127.0.0.1) train like 1 process x 8 devices, and their
+checkpoints resume across process counts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = '''
+from seqrec_jax.default_config import base_config
+
+def get_config(arg=None):
+  c = base_config()
+  c.data.format = "pairs"
+  c.data.path = {path!r}
+  c.data.max_len = 8
+  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
+  c.model.dropout = c.model.attn_dropout = 0.2
+  c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 32, 30, 10
+  c.train.patience = 0
+  c.eval.batch_size = 64
+  c.checkpoint.async_save = False
+  return c
+'''
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(cfg, workdir, n_proc, devices_per_proc, extra=()):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}",
+             JAX_PLATFORMS="cpu")
+  base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={cfg}",
+          f"--workdir={workdir}", "--config.train.progress=false", *extra]
+  if n_proc == 1:
+    procs = [subprocess.Popen(base, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)]
+  else:
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(base + [f"--coordinator_address={addr}",
+                                      f"--num_processes={n_proc}", f"--process_id={i}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(n_proc)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("mp")
+  data = _write_pairs(str(root / "toy.txt"), n_users=100, n_items=30)
+  path = root / "mp_config.py"
+  path.write_text(CONFIG.format(path=data))
+  return str(path)
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def test_two_processes_match_one_process(cfg, tmp_path):
+  _launch(cfg, str(tmp_path / "one"), 1, 8)
+  _launch(cfg, str(tmp_path / "two"), 2, 4)
+  one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
+  assert two["processes"] == 2 and two["devices"] == 8 and one["processes"] == 1
+  for k, v in one["test"].items():
+    assert two["test"][k] == pytest.approx(v, abs=0.02), k
+  # Only process 0 wrote the metrics file: one row per evaluation.
+  rows = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if r["split"] == "valid"] == [10, 20, 30]
+
+
+def test_checkpoint_resumes_across_process_counts(cfg, tmp_path):
+  _launch(cfg, str(tmp_path / "a"), 2, 4, ["--config.train.stop_at_step=15"])
+  _launch(cfg, str(tmp_path / "a"), 1, 8)  # 2-process checkpoint -> 1 process
+  _launch(cfg, str(tmp_path / "b"), 1, 8, ["--config.train.stop_at_step=15"])
+  _launch(cfg, str(tmp_path / "b"), 2, 4)  # 1-process checkpoint -> 2 processes
+  straight = str(tmp_path / "c")
+  _launch(cfg, straight, 1, 8)
+  for wd in ("a", "b"):
+    for k, v in _results(straight)["test"].items():
+      assert _results(tmp_path / wd)["test"][k] == pytest.approx(v, abs=0.02), (wd, k)
