@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -210,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   metric_name = config.train.early_stop_metric
   stop_at = config.train.stop_at_step
+  preemption = PreemptionWatch()
   t_start = time.perf_counter() - loop["train_seconds"]
   pending = []  # device-side train metrics since the last log
   progress = _progress(num_steps, step, enabled=is_main and config.train.progress)
@@ -248,13 +251,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       loop["train_seconds"] = time.perf_counter() - t_start
       loop["iterator"] = iterator.get_state()
       ckpt.save(step, state, loop)
-    if step == stop_at:
-      logging.info("stopping at step %d as config.train.stop_at_step asks", step)
-      ckpt.close()
+    preempted = preemption.should_stop(step, every=config.train.log_every_steps)
+    if preempted and not (loop["finished"] or step % ckpt_every == 0 or step == stop_at):
+      loop["train_seconds"] = time.perf_counter() - t_start
+      loop["iterator"] = iterator.get_state()
+      ckpt.save(step, state, loop)
+    if step == stop_at or preempted:
+      why = "a termination signal" if preempted else "config.train.stop_at_step"
+      logging.info("stopping at step %d (%s); relaunch the same command to resume", step, why)
+      ckpt.close()  # waits for the pending async save
       progress.close()
       writer.close()
+      preemption.restore()
       return {"stopped_at_step": step}
   progress.close()
+  preemption.restore()
   ckpt.wait()
 
   # Test at the best validation checkpoint.
@@ -317,6 +328,40 @@ def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, A
     ckpt.close()
   return {"valid": exp.evaluate(params, "valid"), "test": exp.evaluate(params, "test"),
           "best_step": int(meta["step"])}
+
+
+class PreemptionWatch:
+  """Turns SIGTERM / SIGINT into "finish this step, checkpoint, exit cleanly".
+
+  In a multi-process run the processes agree on the stop step: the local flags are combined
+  with an all-gather at every `every`-th step (a signal usually reaches every process of a job).
+  """
+
+  def __init__(self):
+    self._signalled = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("received signal %d: will checkpoint after the current step and exit", signum)
+    self._signalled = True
+
+  def should_stop(self, step: int, every: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    if step % max(1, every):
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags_all = multihost_utils.process_allgather(np.asarray(self._signalled))
+    return bool(np.any(flags_all))
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
 
 def _check_batch(batch_size: int, partitioner: sharding.Partitioner, key: str) -> None:
