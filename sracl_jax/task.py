@@ -1,6 +1,7 @@
 """SRA-CL as a task of the shared loop: L = L_rec + alpha * L_CS + beta * L_IS.
 
-  * L_rec: cross-entropy over all items (the backbone's next-item loss).
+  * L_rec: the base task's loss (`config.sracl.rec_task`): cross-entropy over all items for the
+    next item (SASRec, GRU4Rec), or the cloze loss for BERT4Rec.
   * L_CS (inter-user): the prefix is encoded a second time (independent dropout) and contrasted,
     NT-Xent, with a positive synthesized from its k semantically retrieved neighbour prefixes:
     each neighbour sequence is encoded by the same backbone (with gradients) and the learnable
@@ -38,6 +39,7 @@ def default_sracl_config() -> ml_collections.ConfigDict:
   """The `config.sracl` section with the reference code's settings."""
   from sracl_jax.semantic.pipeline import default_semantic_config  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
+  c.rec_task = "next_item"  # task giving L_rec: next_item (SASRec, GRU4Rec) | cloze (BERT4Rec)
   c.alpha = 0.1  # weight of the inter-user term L_CS
   c.beta = 0.1  # weight of the intra-user term L_IS
   c.k = 10  # neighbours used (<= semantic.k)
@@ -64,6 +66,12 @@ class SRACLTask:
       raise ValueError(f"config.sracl.sub_prob={cfg.sub_prob} must be in [0, 1]")
     self.model = model
     self.cfg = cfg
+    if cfg.rec_task == "sracl":
+      raise ValueError("config.sracl.rec_task cannot be 'sracl'")
+    base_config = config.copy_and_resolve_references()
+    with base_config.unlocked():
+      base_config.task.name = cfg.rec_task
+    self.base = tasks.make_task(base_config, split, model)  # gives L_rec
     self.max_len = config.data.max_len
     self.loss_positions = config.model.loss_positions
     self.hidden = model.config.hidden
@@ -131,8 +139,7 @@ class SRACLTask:
     cfg = self.cfg
     rngs = jax.random.split(rng, 7)
     backbone = params["backbone"]
-    rec_sum, weight_sum = tasks.next_item_loss(backbone, batch, rngs[0], model=self.model,
-                                               loss_positions=self.loss_positions)
+    rec_sum, weight_sum, _ = self.base.loss(backbone, batch, {}, rngs[0])
     weights = batch["weights"]
     denom = jnp.maximum(weight_sum, 1.0)
     rec = rec_sum / denom

@@ -109,3 +109,23 @@ def test_sracl_on_gru4rec_backbone(toy, tmp_path):
   c.train.eval_every_steps = 10
   results = loop.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(results["test"]["NDCG@10"])
+
+
+def test_sracl_on_bert4rec_with_cloze_rec_term(toy, tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  root, path, _ = toy
+  spec = importlib.util.spec_from_file_location(
+      "b", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "bert4rec", "ml100k.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = sracl_config(root, path, rec_task="cloze")
+  c.model = mod.bert4rec_model()
+  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
+  c.train.num_steps = 10
+  c.train.eval_every_steps = 10
+  results = loop.train_and_evaluate(c, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+  assert np.isfinite(rows[-1]["user_cl"]) and np.isfinite(rows[-1]["item_cl"])
+  assert np.isfinite(results["test"]["NDCG@10"])
