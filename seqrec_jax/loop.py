@@ -286,7 +286,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if is_main:
     fileio.atomic_write(os.path.join(workdir, RESULTS_FILE),
                         lambda f: json.dump(results, f, indent=2), mode="w")
-    logging.info("results:\n%s", format_results(results))
+    logging.info("results written to %s (test NDCG@10 %.4f, HR@10 %.4f at step %d)",
+                 os.path.join(workdir, RESULTS_FILE), results["test"].get("NDCG@10", float("nan")),
+                 results["test"].get("HR@10", float("nan")), results["best_step"])
   ckpt.close()
   writer.close()
   return results
