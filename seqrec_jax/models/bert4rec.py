@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from seqrec_jax.models import layers
+from seqrec_jax.models.sasrec import SASRec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,49 +91,18 @@ class BERT4RecConfig:
     return 3.0 * (encoder + output)
 
 
-class BERT4Rec(nn.Module):
-  """Bidirectional transformer encoder with a tied item-embedding output layer."""
+class BERT4Rec(SASRec):
+  """Bidirectional transformer encoder with a tied item-embedding output layer.
+
+  The same layers and parameter names as SASRec; only the attention mask (every non-padding key,
+  no causal part), the [MASK] row of the item table and the next-item read-out differ.
+  """
   config: BERT4RecConfig
 
-  def setup(self):
-    cfg = self.config
-    self.item_embedding = layers.Embed(cfg.table_rows, cfg.hidden, cfg.init_std, name="item_embedding")
-    self.position_embedding = self.param(
-        "position_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("length", "embed")),
-        (cfg.max_len, cfg.hidden), jnp.float32)
-    self.input_norm = layers.LayerNorm(cfg.ln_eps, name="input_norm")
-    self.blocks = [layers.PostLNBlock(
-        n_heads=cfg.n_heads, inner=cfg.inner, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
-        act=cfg.act, ln_eps=cfg.ln_eps, init_std=cfg.init_std, dtype=cfg.dtype, name=f"block_{i}")
-                   for i in range(cfg.n_layers)]
-    self.dropout = layers.Dropout(cfg.dropout)
-
-  def encode(self, inputs: jax.Array, *, train: bool, last_only: bool = False) -> jax.Array:
-    """Encodes left-padded item sequences bidirectionally.
-
-    Args:
-      inputs: [B, L] int32 ids: 0 = padding, 1..n_items items, n_items + 1 = [MASK].
-      train: enables dropout (needs a "dropout" rng).
-      last_only: the final block computes the last position only (same values there).
-
-    Returns:
-      [B, L, D] hidden states at every position, or [B, 1, D] with last_only.
-    """
-    cfg = self.config
-    dtype = jnp.dtype(cfg.dtype)
+  def _attention_mask(self, inputs: jax.Array) -> jax.Array:
+    """[B, 1, L, L] bool: every query sees every non-padding key."""
     length = inputs.shape[1]
-    if length > cfg.max_len:
-      raise ValueError(f"input length {length} exceeds model max_len {cfg.max_len}")
-    x = self.item_embedding(inputs)  # [B, L, D]
-    x = x + self.position_embedding[None, cfg.max_len - length:]  # right-aligned positions
-    x = self.dropout(self.input_norm(x), deterministic=not train).astype(dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    valid = inputs > 0  # [B, L]
-    mask = jnp.broadcast_to(valid[:, None, None, :], (inputs.shape[0], 1, length, length))
-    for i, block in enumerate(self.blocks):
-      x = block(x, mask, train=train, last_only=last_only and i == len(self.blocks) - 1)
-    return x
+    return jnp.broadcast_to((inputs > 0)[:, None, None, :], (inputs.shape[0], 1, length, length))
 
   def next_item_inputs(self, inputs: jax.Array) -> jax.Array:
     """[B, L] window -> [B, L] window with the oldest position dropped and [MASK] appended."""
@@ -142,18 +112,3 @@ class BERT4Rec(nn.Module):
   def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
     """The next-item representation: [B, D] output at an appended [MASK] position."""
     return self.encode(self.next_item_inputs(inputs), train=train, last_only=True)[:, -1]
-
-  def score(self, user_vectors: jax.Array) -> jax.Array:
-    """Scores every row of the item table.
-
-    Args:
-      user_vectors: [..., D].
-
-    Returns:
-      [..., table_rows] float32 scores; padding row 0, the mask row n_items + 1 and the filler
-      rows are -inf.
-    """
-    logits = self.item_embedding.attend(user_vectors)  # [..., V]
-    logits = nn.with_logical_constraint(logits, ("batch", "vocab") if logits.ndim == 2
-                                        else ("batch", "length", "vocab"))
-    return layers.mask_non_items(logits, self.config.n_items)

@@ -126,12 +126,16 @@ class SASRec(nn.Module):
     x = x + self.position_embedding[None, cfg.max_len - length:]  # right-aligned positions
     x = self.dropout(self.input_norm(x), deterministic=not train).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    valid = inputs > 0  # [B, L]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L, L]
-    mask = causal[None, None] & valid[:, None, None, :]  # [B, 1, L, L]: query i sees key j <= i
+    mask = self._attention_mask(inputs)  # [B, 1, L, L]
     for i, block in enumerate(self.blocks):
       x = block(x, mask, train=train, last_only=last_only and i == len(self.blocks) - 1)
     return x
+
+  def _attention_mask(self, inputs: jax.Array) -> jax.Array:
+    """[B, 1, L, L] bool: query i sees non-padding keys j <= i (causal)."""
+    length = inputs.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L, L]
+    return causal[None, None] & (inputs > 0)[:, None, None, :]
 
   def __call__(self, inputs: jax.Array, *, train: bool = False) -> jax.Array:
     """The sequence representation: [B, D] hidden state at the last position."""
