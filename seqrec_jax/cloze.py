@@ -11,7 +11,7 @@ Registered as task "cloze" on import (`seqrec_jax.tasks` imports this module on 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import flax.linen as nn
 import jax
@@ -72,33 +72,22 @@ def cloze_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.Array
   return jnp.sum(ce * w), jnp.sum(w), masked
 
 
-class ClozeTask:
-  """BERT4Rec's cloze objective; the encoder's parameters are the whole state."""
+class ClozeTask(tasks.NextItemTask):
+  """BERT4Rec's cloze objective; the encoder's parameters are the whole state.
 
-  train_fields = tasks.BASE_TRAIN_FIELDS
+  Everything but the loss (fields, init, backbone, no constants) is NextItemTask's.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, split: Any, model: nn.Module,
                workdir: str = ""):
-    del split, workdir
+    del workdir
     cfg = model.config
     if not hasattr(cfg, "mask_id"):
       raise ValueError(f"task 'cloze' needs an encoder with a [MASK] row (e.g. bert4rec); "
                        f"config.model.name={config.model.name!r} has none")
-    self.model = model
-    self.max_len = config.data.max_len
+    super().__init__(config, split, model)
     self.mask_id = int(cfg.mask_id)
     self.mask_prob = float(cfg.mask_prob)
-    self.consts: Dict[str, Any] = {}
-    self.consts_axes: Dict[str, Tuple] = {}
-
-  def host_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-    return batch
-
-  def init_params(self, rng: jax.Array) -> Any:
-    return self.model.init({"params": rng}, jnp.ones((1, self.max_len), jnp.int32))["params"]
-
-  def backbone_params(self, params: Any) -> Any:
-    return params
 
   def loss(self, params, batch, consts, rng):
     del consts

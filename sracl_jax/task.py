@@ -53,6 +53,18 @@ def default_sracl_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_sracl_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SRA-CL's `:tiny` on top of `shrink_to_tiny`: every example runs 2 + k + 2 encoder passes, so
+  a shorter window, smaller batches, fewer steps, and one short text per user."""
+  c.data.max_len = 20
+  c.train.batch_size = 64
+  c.train.num_steps = 40
+  c.train.eval_every_steps = 20
+  c.sracl.semantic.user_mode = "user"
+  c.sracl.semantic.max_seq_length = 32
+  return c
+
+
 class SRACLTask:
   """SRA-CL on any registered backbone encoder."""
 

@@ -8,7 +8,7 @@ Backbone and training as configs/sasrec/beauty.py (max_len 20, early stop on val
 import os
 
 from seqrec_jax.default_config import base_config, parse_arg, shrink_to_tiny
-from sracl_jax.task import default_sracl_config
+from sracl_jax.task import default_sracl_config, shrink_sracl_to_tiny
 
 BEAUTY_TEXT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                             "..", "shared", "data", "amazon-beauty-text"))
@@ -27,14 +27,7 @@ def get_config(arg=None):
   c.sracl = default_sracl_config()
   c.sracl.semantic.domain = "beauty product"
   if "tiny" in flags:
-    shrink_to_tiny(c)
-    # SRA-CL runs 2 + k + 2 encoder passes per example: shrink further for a 1-2 minute run.
-    c.data.max_len = 20
-    c.train.batch_size = 64
-    c.train.num_steps = 40
-    c.train.eval_every_steps = 20
-    c.sracl.semantic.user_mode = "user"
-    c.sracl.semantic.max_seq_length = 32
+    shrink_sracl_to_tiny(shrink_to_tiny(c))
   return c
 
 

@@ -7,7 +7,7 @@ The semantic stage runs inside train.py when <workdir>/semantic has no tables ye
 """
 
 from seqrec_jax.default_config import base_config, parse_arg, shrink_to_tiny
-from sracl_jax.task import default_sracl_config
+from sracl_jax.task import default_sracl_config, shrink_sracl_to_tiny
 
 
 def get_config(arg=None):
@@ -21,14 +21,7 @@ def get_config(arg=None):
   c.sracl = default_sracl_config()
   c.sracl.semantic.domain = "movie"
   if "tiny" in flags:
-    shrink_to_tiny(c)
-    # SRA-CL runs 2 + k + 2 encoder passes per example: shrink further for a 1-2 minute run.
-    c.data.max_len = 20
-    c.train.batch_size = 64
-    c.train.num_steps = 40
-    c.train.eval_every_steps = 20
-    c.sracl.semantic.user_mode = "user"  # 943 user texts instead of ~97k prefix texts
-    c.sracl.semantic.max_seq_length = 32
+    shrink_sracl_to_tiny(shrink_to_tiny(c))
   return c
 
 

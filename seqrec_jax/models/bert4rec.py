@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from seqrec_jax.models import layers
-from seqrec_jax.models.sasrec import SASRec
+from seqrec_jax.models.sasrec import SASRec, SASRecConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class BERT4RecConfig:
+class BERT4RecConfig(SASRecConfig):
   """Hyper-parameters of BERT4Rec.
 
   Attributes:
@@ -42,28 +42,12 @@ class BERT4RecConfig:
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
     mask_prob: cloze masking probability per non-padding position (read by the cloze task).
   """
-  n_items: int
-  max_len: int
-  hidden: int = 64
-  n_layers: int = 2
-  n_heads: int = 2
-  inner: int = 256
   dropout: float = 0.2
   attn_dropout: float = 0.2
-  act: str = "gelu"
-  ln_eps: float = 1e-12
-  init_std: float = 0.02
-  vocab_pad_multiple: int = 64
-  dtype: str = "float32"
   mask_prob: float = 0.2
 
   def __post_init__(self):
-    if self.hidden % self.n_heads:
-      raise ValueError(f"model.hidden={self.hidden} is not divisible by model.n_heads={self.n_heads}")
-    if self.act not in ("gelu", "relu"):
-      raise ValueError(f"model.act must be 'gelu' or 'relu', got {self.act!r}")
-    if self.n_items < 1 or self.max_len < 1:
-      raise ValueError(f"n_items={self.n_items} and max_len={self.max_len} must be positive")
+    super().__post_init__()  # SASRec's checks: heads divide hidden, activation, sizes
     if not 0.0 <= self.mask_prob <= 1.0:
       raise ValueError(f"model.mask_prob must be in [0, 1], got {self.mask_prob}")
 
