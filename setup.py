@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "scann==1.4.2",  # semantic retrieval (SRA-CL); needs no TensorFlow
+    "bm25s==0.3.16",  # CALRec BM25 ranking (numpy only)
     "safetensors>=0.4",  # loading Hugging Face checkpoints into our Flax modules
     "tokenizers>=0.20",  # Hugging Face fast tokenizers (tokenizer.json)
 ]

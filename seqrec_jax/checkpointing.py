@@ -90,6 +90,17 @@ class Checkpointer:
         params=ocp.args.StandardRestore(_abstract(target_params)), meta=ocp.args.JsonRestore()))
     return restored["params"], dict(restored["meta"])
 
+  def best_params_metadata(self, step: int) -> Any:
+    """The saved tree of the best parameters at `step`: leaves carry `.shape` and `.dtype`.
+
+    Read from the checkpoint's metadata alone (no array is loaded), e.g. to build a restore
+    target for a subtree (serving restores only what the encoder needs, onto its own mesh).
+    """
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    path = epath.Path(self._best.directory) / str(step) / "params"
+    metadata = ocp.StandardCheckpointHandler().metadata(path)
+    return getattr(metadata, "tree", metadata)
+
   def wait(self) -> None:
     """Blocks until pending async saves are committed."""
     self._latest.wait_until_finished()

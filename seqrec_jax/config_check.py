@@ -47,9 +47,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.loss_positions not in ("last", "all"):
     raise ValueError(f"config.model.loss_positions={config.model.loss_positions!r}; "
                      "allowed: 'last', 'all'")
+  if config.optim.lr <= 0:
+    raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")
+  if config.task.name == "calrec":
+    # CALRec reports Recall/NDCG of several rankings; its own module checks its section.
+    from calrec_jax.config import validate_calrec  # pylint: disable=g-import-not-at-top
+    validate_calrec(config)
+    return
   keys = metrics_lib.metric_keys(tuple(config.eval.ks))
   if config.train.early_stop_metric not in keys:
     raise ValueError(f"config.train.early_stop_metric={config.train.early_stop_metric!r} is not "
                      f"one of the evaluated metrics {keys}")
-  if config.optim.lr <= 0:
-    raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")

@@ -101,6 +101,22 @@ class Experiment:
   steps_per_epoch: int
   num_steps: int
   n_params: int
+  final_evaluate: Any = None  # the final valid/test evaluation; default: `evaluate`
+  summary: str = ""  # the data, for results.json; default: the split's dataset summary
+
+
+# Tasks whose experiments are not item-id encoders build their own (same Experiment fields).
+_EXPERIMENT_BUILDERS = {"calrec": "calrec_jax.experiment"}
+
+
+def make_experiment(config: ml_collections.ConfigDict, workdir: str = "") -> Experiment:
+  """`build_experiment`, or the task's own builder (e.g. CALRec's text pipeline)."""
+  module = _EXPERIMENT_BUILDERS.get(config.task.name)
+  if module is None:
+    return build_experiment(config, workdir=workdir)
+  import importlib  # pylint: disable=g-import-not-at-top
+  validate_config(config)
+  return importlib.import_module(module).build_experiment(config, workdir=workdir)
 
 
 def build_experiment(config: ml_collections.ConfigDict, split=None, workdir: str = "") -> Experiment:
@@ -189,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  exp = build_experiment(config, workdir=workdir)
+  exp = make_experiment(config, workdir=workdir)
   split, partitioner, state, iterator = exp.split, exp.partitioner, exp.state, exp.iterator
   dataset = split.dataset
   train_step, evaluate = exp.train_step, exp.evaluate
@@ -270,14 +286,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   # Test at the best validation checkpoint.
   params, best_meta = ckpt.restore_best(state.params)
+  final_evaluate = exp.final_evaluate or evaluate
   results = {
-      "valid": evaluate(params, "valid"),
-      "test": evaluate(params, "test"),
+      "valid": final_evaluate(params, "valid"),
+      "test": final_evaluate(params, "test"),
       "best_step": int(best_meta["step"]),
       "train_seconds": float(loop["train_seconds"]),
       "steps": step,
       "epochs": step / steps_per_epoch,
-      "dataset": dataset.summary(),
+      "dataset": exp.summary or dataset.summary(),
       "n_params": n_params,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
@@ -321,14 +338,15 @@ def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, A
   """
   config = load_workdir_config(workdir)
   config.eval.exclude_seen = bool(exclude_seen)
-  exp = build_experiment(config, workdir=os.path.abspath(os.path.expanduser(workdir)))
+  exp = make_experiment(config, workdir=os.path.abspath(os.path.expanduser(workdir)))
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                     async_save=False)
   try:
     params, meta = ckpt.restore_best(exp.state.params)
   finally:
     ckpt.close()
-  return {"valid": exp.evaluate(params, "valid"), "test": exp.evaluate(params, "test"),
+  final_evaluate = exp.final_evaluate or exp.evaluate
+  return {"valid": final_evaluate(params, "valid"), "test": final_evaluate(params, "test"),
           "best_step": int(meta["step"])}
 
 
@@ -405,10 +423,20 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def format_results(results: Dict[str, Any], ks=metrics_lib.DEFAULT_KS) -> str:
-  """A fixed-width table of valid/test HR, NDCG and MRR at every K."""
+  """A fixed-width table of valid/test metrics.
+
+  HR, NDCG and MRR at every K as columns for the item-id models; one row per metric for tasks
+  with other metric names (CALRec's Recall@K of several rankings).
+  """
   keys = metrics_lib.metric_keys(ks)
-  lines = ["split  " + " ".join(f"{k:>8s}" for k in keys)]
-  for stage in ("valid", "test"):
-    lines.append(f"{stage:6s} " + " ".join(f"{results[stage][k]:8.4f}" for k in keys))
+  if all(k in results["test"] for k in keys):
+    lines = ["split  " + " ".join(f"{k:>8s}" for k in keys)]
+    for stage in ("valid", "test"):
+      lines.append(f"{stage:6s} " + " ".join(f"{results[stage][k]:8.4f}" for k in keys))
+  else:
+    width = max(len(k) for k in results["test"])
+    lines = [f"{'metric':{width}s}    valid     test"]
+    for k, v in results["test"].items():
+      lines.append(f"{k:{width}s} {results['valid'].get(k, float('nan')):8.4f} {v:8.4f}")
   lines.append(f"best step {results['best_step']}, train {results['train_seconds']:.1f} s")
   return "\n".join(lines)

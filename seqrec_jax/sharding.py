@@ -37,6 +37,10 @@ DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
+    # Decoder LMs (calrec_jax): the stacked-layers axis of scanned blocks stays unsharded, and so
+    # do key/value heads (multi-query attention has a single one, which cannot be split).
+    ("layers", None),
+    ("kv_heads", None),
 )
 
 

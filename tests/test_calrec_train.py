@@ -1,0 +1,92 @@
+"""CALRec end to end through the spine's loop: tiny configs train, evaluate, resume and chain stages."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from calrec_jax import ranking
+from seqrec_jax import loop
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def _ml100k_tiny(**overrides):
+  from configs.calrec import ml100k  # pylint: disable=g-import-not-at-top
+  c = ml100k.get_config("tiny")
+  c.train.progress = False
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def _check_metrics(metrics, prefixes):
+  for prefix in prefixes:
+    for key in ranking.metric_keys((1, 5, 10)):
+      value = metrics[f"{prefix}{key}"]
+      assert 0.0 <= value <= 1.0, (prefix, key, value)
+    assert metrics[f"{prefix}Recall@1"] <= metrics[f"{prefix}Recall@5"] <= \
+        metrics[f"{prefix}Recall@10"]
+
+
+def test_tiny_ml100k_trains_and_reports_every_ranking(tmp_path):
+  results = loop.train_and_evaluate(_ml100k_tiny(), str(tmp_path))
+  _check_metrics(results["test"], ["", "rr/", "max/", "emb/"])
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["test"] == results["test"]
+  assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.json")
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train = [l for l in lines if l["split"] == "train"]
+  assert all(np.isfinite(l["loss"]) for l in train)
+  assert {"nig", "tt", "ut"} <= set(train[0])
+  # Training lowers the generation loss of the target text.
+  assert train[-1]["nig"] < train[0]["nig"]
+  print(loop.format_results(results))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight = loop.train_and_evaluate(_ml100k_tiny(**{"calrec.test_users": 32}),
+                                     str(tmp_path / "a"))
+  stopped = loop.train_and_evaluate(_ml100k_tiny(**{"calrec.test_users": 32,
+                                                    "train.stop_at_step": 10}),
+                                    str(tmp_path / "b"))
+  assert stopped == {"stopped_at_step": 10}
+  resumed = loop.train_and_evaluate(_ml100k_tiny(**{"calrec.test_users": 32}),
+                                    str(tmp_path / "b"))
+  for stage in ("valid", "test"):
+    for key, value in straight[stage].items():
+      assert resumed[stage][key] == pytest.approx(value, abs=1e-6), (stage, key)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "amazon-toys-text")),
+                    reason="needs ../shared/data")
+def test_stage_one_mixture_then_stage_two(tmp_path):
+  from configs.calrec import amazon  # pylint: disable=g-import-not-at-top
+  c = amazon.get_config("tiny")
+  c.train.progress = False
+  c.calrec.test_users = 32
+  c.calrec.num_samples = 1
+  stage1 = loop.train_and_evaluate(c, str(tmp_path / "s1"))
+  _check_metrics(stage1["test"], ["beauty/", "toys/", "", "beauty/emb/"])
+  c2 = amazon.get_config("tiny")
+  c2.train.progress = False
+  c2.calrec.test_users = 32
+  c2.calrec.num_samples = 1
+  c2.calrec.train_on = "beauty"
+  c2.calrec.init_from = str(tmp_path / "s1")
+  c2.train.num_steps = 1
+  c2.train.eval_every_steps = 1
+  c2.optim.lr = 1e-12  # one (almost) no-op step: Stage II must start from Stage I's params
+  stage2 = loop.train_and_evaluate(c2, str(tmp_path / "s2"))
+  # Same tokenizer, same starting parameters -> the same embedding ranking as Stage I's best.
+  for key in ("emb/Recall@10", "emb/NDCG@10"):
+    assert stage2["test"][f"beauty/{key}"] == pytest.approx(stage1["test"][f"beauty/{key}"],
+                                                            abs=1e-3)
+  with open(tmp_path / "s2" / "tokenizer" / "tokenizer.json") as f2, \
+      open(tmp_path / "s1" / "tokenizer" / "tokenizer.json") as f1:
+    assert f1.read() == f2.read()
