@@ -112,6 +112,7 @@ def validate_calrec(config: ml_collections.ConfigDict) -> None:
 def shrink_calrec_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A one-to-two-minute CPU run of the whole pipeline (train, embed, sample, BM25, merge)."""
   c.model.preset = "tiny"
+  c.model.overrides.update({k: 0 for k in c.model.overrides})  # the tiny preset as it is
   c.calrec.tokenizer.vocab_size = 512
   c.calrec.max_tokens = 96
   c.calrec.max_item_tokens = 24
@@ -128,3 +129,9 @@ def shrink_calrec_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.Config
   c.eval.batch_size = 32
   c.optim.warmup_steps = 5
   return c
+
+
+def loss_ablation_sweep() -> list:
+  """L_NIG only, + L_TT, + L_UT, both, and the brief's negative beta (override dicts)."""
+  return [{"calrec.alpha": a, "calrec.beta": b}
+          for a, b in ((0.0, 0.0), (0.125, 0.0), (0.0, 0.025), (0.125, 0.025), (0.125, -0.025))]

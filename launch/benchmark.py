@@ -1,5 +1,7 @@
 """Speed benchmark of a config: training throughput, evaluation throughput, compile time, memory,
 model FLOP/s against this machine's measured matmul peak, optionally next to the RecBole peer.
+For a CALRec config: train tokens/s and model FLOPs utilisation of the step, and generation
+tokens/s with the KV cache.
 
   python launch/benchmark.py --config configs/sasrec/beauty.py --out bench.json \
       [--peer_python /work/peers-venv/bin/python --peer_dataset beauty]
@@ -62,21 +64,20 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   return 2.0 * n ** 3 / med
 
 
-def benchmark_ours(config) -> dict:
-  """Times our train step and full-ranking evaluation on config's data and model."""
-  t0 = time.perf_counter()
-  exp = loop.build_experiment(config)
-  build_s = time.perf_counter() - t0
-  state, it, part = exp.state, exp.iterator, exp.partitioner
-  batch = exp.train_step.device_batch(next(it))
+def _time_train_steps(exp):
+  """Compiles the train step, runs the warm-up, then times --steps steps (host batching included).
 
+  Returns:
+    (state after the timed steps, compile seconds, XLA's FLOPs per step, step times).
+  """
+  state, it = exp.state, exp.iterator
+  batch = exp.train_step.device_batch(next(it))
   t = time.perf_counter()
   compiled_train = exp.train_step.jitted.lower(state, batch, exp.consts).compile()
   train_compile_s = time.perf_counter() - t
   cost = compiled_train.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-
   for _ in range(_WARMUP.value):
     state, m = exp.train_step(state, next(it))
   jax.block_until_ready(m)
@@ -86,6 +87,16 @@ def benchmark_ours(config) -> dict:
     state, m = exp.train_step(state, next(it))
     jax.block_until_ready(m)
     step_times.append(time.perf_counter() - t)
+  return state, train_compile_s, xla_flops, step_times
+
+
+def benchmark_ours(config) -> dict:
+  """Times our train step and full-ranking evaluation on config's data and model."""
+  t0 = time.perf_counter()
+  exp = loop.build_experiment(config)
+  build_s = time.perf_counter() - t0
+  part = exp.partitioner
+  state, train_compile_s, xla_flops, step_times = _time_train_steps(exp)
   step_s = float(np.median(step_times))
 
   t = time.perf_counter()
@@ -122,6 +133,67 @@ def benchmark_ours(config) -> dict:
   }
 
 
+def benchmark_calrec(config) -> dict:
+  """CALRec: train tokens/s and model FLOP/s of the step; generation tokens/s with the KV cache."""
+  from calrec_jax import generate  # pylint: disable=g-import-not-at-top
+  from calrec_jax.text import examples  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  exp = loop.make_experiment(config)
+  build_s = time.perf_counter() - t0
+  c = config.calrec
+  state, train_compile_s, xla_flops, step_times = _time_train_steps(exp)
+  step_s = float(np.median(step_times))
+  dcfg = exp.model.config
+  b = config.train.batch_size
+  joint_tokens = b * c.max_tokens
+  item_tokens = b * c.max_item_tokens if (c.alpha or c.beta) else 0
+  flops_step = (dcfg.train_flops_per_token(c.max_tokens) * joint_tokens +
+                (dcfg.train_flops_per_token(c.max_item_tokens) * item_tokens))
+
+  # Generation: prompts of the evaluation's length, every row decoding max_new_tokens tokens.
+  cat = exp.categories[0]
+  users = cat.split.eval_users[:config.eval.batch_size]
+  histories = np.stack([np.pad(cat.split.dataset.sequence(u)[-config.data.max_len:],
+                               (config.data.max_len, 0))[-config.data.max_len:] for u in users])
+  tokens, mask = examples.build_prompt_batch(cat.serializer, histories,
+                                             c.max_tokens - c.max_item_tokens)
+  params = state.params
+  run = lambda: jax.block_until_ready(generate.sample(  # noqa: E731
+      exp.model, params, tokens, mask, jax.random.key(0), num_samples=c.num_samples,
+      max_new_tokens=c.max_new_tokens, temperature=float(c.sample_temperature), eos_id=None,
+      pad_id=exp.tokenizer.pad_id))
+  t = time.perf_counter()
+  run()
+  gen_first_s = time.perf_counter() - t
+  gen_s, _ = _median_time(run, 3)
+  rows = len(users) * c.num_samples
+  gen_flops = generate.generation_flops(dcfg, rows, tokens.shape[1], c.max_new_tokens)
+  return {
+      "dataset": exp.summary,
+      "decoder": {k: getattr(dcfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                 "head_dim", "mlp_dim", "vocab_size", "dtype")},
+      "n_params": exp.n_params,
+      "batch_size": b, "max_tokens": c.max_tokens, "max_item_tokens": c.max_item_tokens,
+      "devices": exp.partitioner.mesh.size,
+      "build_seconds": build_s,
+      "train_compile_seconds": train_compile_s,
+      "step_seconds_median": step_s,
+      "step_seconds_p10_p90": [float(np.percentile(step_times, 10)),
+                               float(np.percentile(step_times, 90))],
+      "train_tokens_per_second": (joint_tokens + item_tokens) / step_s,
+      "model_flops_per_train_step": flops_step,
+      "xla_flops_per_train_step": xla_flops,
+      "achieved_model_flops_per_second": flops_step / step_s,
+      "generation_rows": rows, "generation_prompt_len": int(tokens.shape[1]),
+      "generation_new_tokens": c.max_new_tokens,
+      "generation_first_call_seconds_incl_compile": gen_first_s,
+      "generation_seconds_median": gen_s,
+      "generated_tokens_per_second": rows * c.max_new_tokens / gen_s,
+      "generation_model_flops_per_second": gen_flops / gen_s,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+  }
+
+
 def benchmark_peer(python: str, dataset: str, epochs: int, out_dir: str) -> dict:
   """Runs the RecBole runner's timing mode in its own venv and returns its JSON."""
   runner = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -139,7 +211,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   peak = matmul_peak_flops()
-  ours = benchmark_ours(config)
+  ours = benchmark_calrec(config) if config.task.name == "calrec" else benchmark_ours(config)
   ours["matmul_peak_flops_per_second"] = peak
   ours["fraction_of_matmul_peak"] = ours["achieved_model_flops_per_second"] / peak
   report = {

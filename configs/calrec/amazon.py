@@ -19,7 +19,7 @@ Stage II and Stage I + II runs share one vocabulary. Evaluation always covers ev
 
 import os
 
-from calrec_jax.config import default_calrec_config, shrink_calrec_to_tiny
+from calrec_jax.config import default_calrec_config, loss_ablation_sweep, shrink_calrec_to_tiny
 from seqrec_jax.default_config import parse_arg
 
 _DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -51,6 +51,5 @@ def get_config(arg=None):
 
 
 def get_sweep():
-  """The loss ablation on Stage I (alpha = weight of L_TT, beta = weight of L_UT)."""
-  return [{"calrec.alpha": a, "calrec.beta": b}
-          for a, b in ((0.0, 0.0), (0.125, 0.0), (0.0, 0.025), (0.125, 0.025), (0.125, -0.025))]
+  """The loss ablation (see calrec_jax.config.loss_ablation_sweep)."""
+  return loss_ablation_sweep()
