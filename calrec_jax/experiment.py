@@ -106,7 +106,10 @@ def make_tokenizer(config: ml_collections.ConfigDict, cats: Sequence[Category], 
     logging.info("trained a %s tokenizer of %d tokens on %d texts", c.tokenizer.kind,
                  tok.vocab_size, len(corpus))
   if saved and not os.path.exists(saved) and jax.process_index() == 0:
-    tok.save(saved)
+    # Written aside and renamed, so another process (or a resumed run) never reads half a file.
+    staging = f"{saved}.tmp-{os.getpid()}"
+    tok.save(staging)
+    os.replace(staging, saved)
   return tok
 
 
@@ -187,7 +190,18 @@ class TextBatches:
     return {k: out[k] for k in task_lib.TRAIN_FIELDS}
 
 
-def _pool(model, params, tokens, mask, left_padded: bool):
+def _sum_over_processes(sums: Dict[str, float]) -> Dict[str, float]:
+  """Host-side metric sums of every process added up (each process ranks its own users)."""
+  if jax.process_count() == 1:
+    return sums
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  keys = sorted(sums)
+  local = np.asarray([float(sums[k]) for k in keys], np.float64)
+  total = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
+  return dict(zip(keys, total.tolist()))
+
+
+def pool_hidden(model, params, tokens, mask, left_padded: bool):
   """Mean of last-layer states over `mask` [B, T] -> [B, D] float32."""
   if left_padded:
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -229,10 +243,10 @@ class CalrecEvaluator:
     rows = lambda n: partitioner.batch_sharding(n)  # noqa: E731
     repl = partitioner.replicated
     self._pool_items = partitioner.partition_step(
-        functools.partial(_pool, model, left_padded=False),
+        functools.partial(pool_hidden, model, left_padded=False),
         in_shardings=(param_shardings, rows(2), rows(2)), out_shardings=rows(2))
     self._pool_users = partitioner.partition_step(
-        functools.partial(_pool, model, left_padded=True),
+        functools.partial(pool_hidden, model, left_padded=True),
         in_shardings=(param_shardings, rows(2), rows(2)), out_shardings=rows(2))
     self._emb_sums = partitioner.partition_step(
         functools.partial(_embedding_sums, similarity=self.c.similarity, ks=self.ks),
@@ -311,7 +325,7 @@ class CalrecEvaluator:
     for i, (batch, tokens, mask) in enumerate(self._prompt_batches(cat, split, stage)):
       shard = self.partitioner.shard_inputs({"t": tokens, "m": mask})
       out = self._sample(params, shard["t"], shard["m"].astype(bool), jax.random.fold_in(rng, i))
-      out = np.asarray(jax.device_get(out))  # [B, N, T]
+      out = self._local_rows(out)  # [b, N, T]: this process's rows, aligned with `batch`
       b, n, _ = out.shape
       texts = self.tokenizer.decode_batch(list(out.reshape(b * n, -1)))
       ids, scores = index.query(texts, int(self.c.top_r))
@@ -324,7 +338,16 @@ class CalrecEvaluator:
         sums[rule] = ranking.accumulate(sums[rule], got)
       progress.update(1)
     progress.close()
-    return {rule: ranking.normalise(s, self.ks) for rule, s in sums.items()}
+    return {rule: ranking.normalise(_sum_over_processes(s), self.ks) for rule, s in sums.items()}
+
+  def _local_rows(self, array: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded global array that this process fed in, as numpy."""
+    if jax.process_count() == 1:
+      return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    spec = jax.sharding.PartitionSpec(self.partitioner.batch_axes)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        array, self.partitioner.mesh, spec))
 
   # ----- the loop's two entry points
 

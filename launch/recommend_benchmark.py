@@ -1,6 +1,7 @@
 """Speed of batch top-K recommendation (users/s) next to a naive per-user loop, in one run.
 
-  JAX_PLATFORMS=cpu python launch/recommend_benchmark.py [--out bench_recommend.json]
+  JAX_PLATFORMS=cpu python launch/recommend_benchmark.py [--out bench_recommend.json] \
+      [--peer_python /work/peers-venv/bin/python]
 
 Two catalogues, both with a randomly initialised SASRec (speed does not depend on training):
   * Beauty (configs/sasrec/beauty.py: ../shared/data/beauty/Beauty.txt, 12,101 items, d=64),
@@ -13,11 +14,19 @@ the file), both after a warm-up that compiles; then the naive baseline, measured
 one user at a time, a jitted encoder + scores call, the whole score vector to the host and a numpy
 argsort.  Users/s figures are medians of --repeats timed passes; the naive loop times
 --naive_users users (it is slow by construction).
+
+With --peer_python (a Python with RecBole 1.2.1, benchmarks/peers/README.md), after our
+measurements (so the two never share the cores) benchmarks/peers/recbole_full_sort.py times the
+per-user loop a RecBole user writes (`full_sort_predict` + `torch.topk` per user) on RecBole's
+SASRec of the same sizes, max_len, K and catalogues with --peer_threads torch threads; each
+catalogue row gains `peer_users_per_s` and `ratio_vs_recbole` (batched top-K / peer), and
+`ratio_jsonl_vs_recbole` (the JSONL path / peer).
 """
 
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +58,15 @@ _NAIVE_SYNTH = flags.DEFINE_integer("naive_synthetic_users", 20,
                                     "Users timed in the naive loop (synthetic).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed passes of the batched paths (median).")
 _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", None,
+                                   "Python of the RecBole venv; runs the RecBole per-user loop.")
+_PEER_THREADS = flags.DEFINE_integer("peer_threads", 2, "torch.set_num_threads of the peer.")
+_PEER_USERS = flags.DEFINE_integer("peer_users", 500, "Users the peer times on the real catalogue.")
+_PEER_SYNTH_USERS = flags.DEFINE_integer("peer_synthetic_users", 50,
+                                         "Users the peer times on the synthetic catalogue.")
+
+_PEER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "benchmarks", "peers", "recbole_full_sort.py")
 
 
 def _recommender(config, dataset, batch_size, seed=0):
@@ -128,6 +146,49 @@ def _report(name, n_items, dim, users, topk, written, naive, naive_users, size=N
   return row
 
 
+def _peer(config, n_items, k):
+  """Runs recbole_full_sort.py in the peer venv at our sizes and returns its JSON."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "peer_full_sort.json")
+    cmd = [_PEER_PYTHON.value, _PEER_SCRIPT, "--out", out, "--threads", str(_PEER_THREADS.value),
+           "--top_k", str(k), "--max_len", str(config.data.max_len),
+           "--synthetic_items", str(n_items), "--beauty_users", str(_PEER_USERS.value),
+           "--synthetic_users", str(_PEER_SYNTH_USERS.value)]
+    if config.data.name == "beauty":  # the same Beauty.txt as ours, not the peer's default path
+      cmd += ["--beauty_path", config.data.path]
+    logging.info("peer: %s", " ".join(cmd))
+    # RecBole logs its whole config on stdout; the JSON carries what we need.
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+      return json.load(f)
+
+
+def _add_peer(results, peer):
+  """Puts the peer's users/s and our ratios to it on the catalogue rows of the same name."""
+  results["peer"] = {key: peer[key] for key in ("peer", "torch", "threads", "max_len", "repeats",
+                                                "anomaly_detection")}
+  results["peer"]["method"] = ("per user: Interaction(item_id_list, item_length) -> "
+                               "full_sort_predict -> scores[:, 0] = -inf -> torch.topk -> numpy; "
+                               "random init, eval mode, no_grad; median of the timed passes")
+  by_name = {row["catalogue"]: row for row in peer["runs"]}
+  for row in results["runs"]:
+    theirs = by_name.get(row["catalogue"])
+    if theirs is None:  # the peer only builds Beauty and the synthetic catalogue
+      continue
+    if theirs["items"] != row["items"]:
+      raise ValueError(f"peer catalogue {theirs['catalogue']} has {theirs['items']} items, "
+                       f"ours {row['items']}")
+    speed = theirs["users_per_s"]
+    # The passes too: on a shared machine they show how much the peer's figure wandered.
+    row.update(peer_users_per_s=speed, peer_users_timed=theirs["users_timed"],
+               peer_pass_seconds=theirs["pass_seconds"],
+               ratio_vs_recbole=row["batched_topk_users_per_s"] / speed,
+               ratio_jsonl_vs_recbole=row["batched_jsonl_users_per_s"] / speed)
+    print(f"{row['catalogue']:10s} RecBole per-user loop {speed:7.1f} users/s "
+          f"({theirs['users_timed']} users, {peer['threads']} threads) -> ours "
+          f"x{row['ratio_vs_recbole']:.1f} (x{row['ratio_jsonl_vs_recbole']:.1f} with JSONL)")
+
+
 def main(argv):
   del argv
   k = _TOP_K.value
@@ -155,6 +216,8 @@ def main(argv):
   naive = _naive(rec, naive_users, k)
   results["runs"].append(_report("synthetic", synth.n_items, rec.dim, len(users), topk, written,
                                  naive, len(naive_users), size))
+  if _PEER_PYTHON.value:
+    _add_peer(results, _peer(config, synth.n_items, k))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(results, f, indent=2)

@@ -91,3 +91,28 @@ def test_checkpoint_resumes_across_process_counts(cfg, tmp_path):
   for wd in ("a", "b"):
     for k, v in _results(straight)["test"].items():
       assert _results(tmp_path / wd)["test"][k] == pytest.approx(v, abs=0.02), (wd, k)
+
+
+CALREC_CONFIG = '''
+from configs.calrec import ml100k
+
+def get_config(arg=None):
+  c = ml100k.get_config("tiny")
+  c.train.num_steps, c.train.eval_every_steps = 10, 5
+  c.calrec.test_users, c.calrec.eval_users, c.calrec.num_samples = 32, 32, 1
+  c.model.dropout = 0.0
+  c.checkpoint.async_save = False
+  return c
+'''
+
+
+def test_calrec_two_processes_match_one_process(tmp_path):
+  path = tmp_path / "calrec_mp.py"
+  path.write_text(CALREC_CONFIG)
+  _launch(str(path), str(tmp_path / "one"), 1, 8)
+  _launch(str(path), str(tmp_path / "two"), 2, 4)
+  one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
+  assert two["processes"] == 2 and one["processes"] == 1
+  assert set(one["test"]) == set(two["test"])
+  for k, v in one["test"].items():
+    assert two["test"][k] == pytest.approx(v, abs=0.02), k
