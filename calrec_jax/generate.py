@@ -18,15 +18,28 @@ import jax.numpy as jnp
 from calrec_jax.models.decoder import Decoder, DecoderConfig, init_cache, repeat_cache
 
 
-def _choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-  """[N, V] float32 logits -> [N] int32 tokens: argmax at temperature 0, else a sample."""
+def _choose(logits: jax.Array, key: jax.Array, step: int, temperature: float,
+            top_k: int) -> jax.Array:
+  """[N, V] float32 logits -> [N] int32 tokens: argmax at temperature 0, else a sample.
+
+  `key` is one key (drawn jointly for all N rows: a row's draw depends on its position) or [B]
+  keys, one per prompt, whose N / B consecutive rows are its samples (a row's draw depends on
+  its prompt's key only, not on the batch around it).  Step t draws with fold_in(key, t).
+  """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [N, 1] the k-th largest logit
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  # A raw uint32 key (shape [2]) is one key; `sample` wraps raw keys, so only typed [B] keys
+  # reach here as per-prompt keys.
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.ndim == 0:
+    return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1).astype(
+        jnp.int32)
+  per_prompt = logits.reshape(key.shape[0], -1, logits.shape[-1])  # [B, N / B, V]
+  draw = jax.vmap(lambda k, l: jax.random.categorical(jax.random.fold_in(k, step), l, axis=-1))
+  return draw(key, per_prompt).reshape(-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_samples", "max_new_tokens",
@@ -50,7 +63,7 @@ def _sample(model: Decoder, params: Any, prompt_tokens: jax.Array, prompt_mask: 
   def is_eos(tokens):
     return tokens == eos_id if eos_id is not None else jnp.zeros(tokens.shape, bool)
 
-  first = _choose(logits, jax.random.fold_in(rng, 0), temperature, top_k)  # [N]
+  first = _choose(logits, rng, 0, temperature, top_k)  # [N]
   out = jnp.full((n, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
   def cond(state):
@@ -61,7 +74,7 @@ def _sample(model: Decoder, params: Any, prompt_tokens: jax.Array, prompt_mask: 
     step, cache, out, last, done = state
     (logits, _), mutated = model.apply({"params": params, "cache": cache}, last[:, None],
                                        decode=True, mutable=["cache"])
-    token = _choose(logits[:, -1], jax.random.fold_in(rng, step), temperature, top_k)
+    token = _choose(logits[:, -1], rng, step, temperature, top_k)
     token = jnp.where(done, pad_id, token)  # finished rows only pad
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
     return step + 1, mutated["cache"], out, token, done | is_eos(token)
@@ -82,8 +95,11 @@ def sample(model: Decoder, params: Any, prompt_tokens: jax.Array, prompt_mask: j
     prompt_tokens: [B, Lp] int32 prompts, LEFT-padded with pad_id so that every row ends at the
       last column; every row needs at least one real token.
     prompt_mask: [B, Lp] bool, True for real prompt tokens.
-    rng: a PRNG key; the samples are a deterministic function of it (step t uses fold_in(rng, t),
-      drawn jointly for all rows).
+    rng: a PRNG key, drawn jointly for all rows (step t uses fold_in(rng, t)), so a prompt's
+      samples depend on its position in the batch; or [B] keys, one per prompt, whose samples
+      then depend only on that prompt and its key, whatever batch it is decoded in (serving
+      relies on this: a user's recommendations must not change with the batch).  Raw uint32
+      keys ([2] or [B, 2]) are accepted too.
     num_samples: continuations per prompt.
     max_new_tokens: tokens generated per continuation.
     temperature: softmax temperature; 0 = greedy (argmax; all samples of a prompt agree).
@@ -100,6 +116,11 @@ def sample(model: Decoder, params: Any, prompt_tokens: jax.Array, prompt_mask: j
     raise ValueError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0:
     raise ValueError(f"temperature={temperature} must be >= 0")
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # the same random bits as the raw key
+  if rng.ndim not in (0, 1) or (rng.ndim == 1 and rng.shape[0] != prompt_tokens.shape[0]):
+    raise ValueError(f"rng must be one key or one key per prompt ({prompt_tokens.shape[0]}), "
+                     f"got keys of shape {rng.shape}")
   tokens, _ = _sample(model, params, jnp.asarray(prompt_tokens, jnp.int32),
                       jnp.asarray(prompt_mask, bool), rng, num_samples=num_samples,
                       max_new_tokens=max_new_tokens, temperature=float(temperature),

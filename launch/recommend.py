@@ -9,6 +9,12 @@ predicted *next* ones.  The config comes from <workdir>/config.json: no config f
 output file from the same settings is skipped on rerun; a killed run leaves only `<out>.tmp`.
 Multi-process runs (same flags as launch/train.py) write one file per process:
 recs-00000-of-00002.jsonl, ...
+
+A CALRec workdir (config task.name "calrec") is served by calrec_jax.recommend.CalrecRecommender
+with the same flags and file format: sampled item texts, BM25, the config's merge rule
+(--method=embedding ranks by v_U . v_T instead); --rng_seed and --category apply to it only.
+
+  python launch/recommend.py --workdir W_calrec --top_k 50 --rng_seed 0
 """
 
 import os
@@ -22,6 +28,7 @@ from absl import logging
 import jax
 
 from seqrec_jax import distributed
+from seqrec_jax import loop
 from seqrec_jax import recommend
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
@@ -37,6 +44,11 @@ _DECIMALS = flags.DEFINE_integer("decimals", 6, "Decimals of the scores in the f
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Redo a complete output file (or one with other settings).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "tqdm progress bar (users/s).")
+_METHOD = flags.DEFINE_enum("method", "generate", ["generate", "embedding"],
+                            "CALRec only: sampled texts + BM25 merge, or v_U . v_T ranking.")
+_RNG_SEED = flags.DEFINE_integer("rng_seed", 0, "CALRec only: sampling seed.")
+_CATEGORY = flags.DEFINE_string("category", None,
+                                "CALRec only: the category of a multi-category (Stage I) workdir.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -50,12 +62,24 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
-  rec = recommend.Recommender.from_workdir(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
+  config = loop.load_workdir_config(_WORKDIR.value)
+  kwargs = {}
+  if config.task.name == "calrec":
+    from calrec_jax import recommend as calrec_recommend  # pylint: disable=g-import-not-at-top
+    rec = calrec_recommend.CalrecRecommender.from_workdir(_WORKDIR.value,
+                                                          batch_size=_BATCH_SIZE.value)
+    kwargs = dict(method=_METHOD.value, rng_seed=_RNG_SEED.value, category=_CATEGORY.value)
+  else:
+    calrec_only = [f.name for f in (_METHOD, _RNG_SEED, _CATEGORY) if f.present]
+    if calrec_only:
+      raise app.UsageError(f"--{', --'.join(calrec_only)} apply to CALRec workdirs only; "
+                           f"{_WORKDIR.value} trains {config.model.name}")
+    rec = recommend.Recommender.from_workdir(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
   users = recommend.read_id_file(_USERS.value) if _USERS.value else None
   out = _OUT.value or os.path.join(rec.workdir, "recs.jsonl")
   stats = rec.write_topk(out, _TOP_K.value, users=users, exclude_seen=_EXCLUDE_SEEN.value,
                          overwrite=_OVERWRITE.value, progress=_PROGRESS.value,
-                         decimals=None if _DECIMALS.value < 0 else _DECIMALS.value)
+                         decimals=None if _DECIMALS.value < 0 else _DECIMALS.value, **kwargs)
   if stats["skipped"]:
     print(f"{stats['path']}: complete ({stats['rows']} users), skipped")
   else:

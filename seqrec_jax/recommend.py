@@ -28,6 +28,9 @@ that records the settings; a rerun with the same settings skips a complete file,
 leaves only a `.tmp` that the next run overwrites.  In a multi-process run each process writes
 `<stem>-<p:05d>-of-<P:05d><ext>` (e.g. recs-00000-of-00002.jsonl).
 
+CALRec workdirs (a text decoder) are served by `calrec_jax.recommend.CalrecRecommender`, which has
+the same API and file format and reuses this module's id, writer and sharding helpers.
+
 Is the model's score a dot product with an item table?  For the three encoders, yes:
   * SASRec: `score(v) = mask(v @ item_embedding.T)` (tied output layer, no bias); the user vector
     is the last position's hidden state.
@@ -116,7 +119,70 @@ def read_id_file(path: str) -> List[str]:
     return [line.strip() for line in f if line.strip()]
 
 
-def _bucket(n: int, minimum: int = _MIN_HISTORY_BUCKET) -> int:
+def dense_item_ids(history: Sequence[Any], index: Dict[str, int], on_unknown: str = "error",
+                   what: str = "history", source: str = "") -> np.ndarray:
+  """Original item ids -> [n] int32 dense ids, through an {original id: dense id} map.
+
+  Shared by every recommender of a workdir (item-id encoders and CALRec), so unknown ids are
+  reported the same way whatever the model.
+
+  Args:
+    history: original item ids (str; ints are compared as their str).
+    index: original id -> dense id (> 0).
+    on_unknown: "error" raises UnknownIdError naming them; "drop" drops them (count logged).
+    what: how to name this history in messages.
+    source: where the ids come from (the workdir), for messages.
+
+  Returns:
+    The dense ids, in order.
+
+  Raises:
+    UnknownIdError: unknown ids with on_unknown="error".
+    ValueError: an empty history (before or after dropping), or a bad on_unknown.
+  """
+  if on_unknown not in ON_UNKNOWN:
+    raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+  ids = [index.get(str(x), 0) for x in history]
+  unknown = [str(x) for x, i in zip(history, ids) if i == 0]
+  if unknown:
+    if on_unknown == "error":
+      shown = sorted(set(unknown))
+      raise UnknownIdError(
+          f"{what}: {len(shown)} unknown item id(s) not in the training data of "
+          f"{source}: {shown[:20]}{' ...' if len(shown) > 20 else ''}; pass "
+          "on_unknown='drop' to ignore them")
+    logging.info("%s: dropped %d unknown item id(s) of %d", what, len(unknown), len(ids))
+  dense = np.asarray([i for i in ids if i], dtype=np.int32)
+  if dense.size == 0:
+    raise ValueError(f"{what} is empty" + (f" after dropping {len(unknown)} unknown item id(s)"
+                                           if unknown else "") + ": nothing to recommend from")
+  return dense
+
+
+def dense_user_ids(users: Sequence[Any], index: Dict[str, int], source: str = "") -> np.ndarray:
+  """Original user ids -> [n] int64 user indices (order kept); unknown ids raise, naming them."""
+  idx = [index.get(str(u), -1) for u in users]
+  unknown = [str(u) for u, i in zip(users, idx) if i < 0]
+  if unknown:
+    raise UnknownIdError(f"{len(unknown)} unknown user id(s) not in the data of {source}: "
+                         f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+  return np.asarray(idx, dtype=np.int64)
+
+
+def split_histories(history: Any) -> Tuple[bool, List[Sequence[Any]]]:
+  """(single, histories): one history (a list of ids) or a batch of them (a list of lists).
+
+  Raises:
+    TypeError: a str, which would otherwise read as a history of one-character ids.
+  """
+  if isinstance(history, str):
+    raise TypeError(f"history must be a list of item ids (or a list of lists), got the str "
+                    f"{history!r}")
+  single = len(history) == 0 or not _is_sequence(history[0])
+  return single, ([history] if single else list(history))
+
+
+def shape_bucket(n: int, minimum: int = _MIN_HISTORY_BUCKET) -> int:
   """The power of two >= max(n, minimum): few distinct shapes, so few compilations."""
   return 1 << max(int(minimum) - 1, int(n) - 1, 0).bit_length()
 
@@ -172,7 +238,7 @@ def scores_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -
   return model.apply({"params": params}, batch["inputs"], method=_scores)
 
 
-def _fetch(x: jax.Array) -> np.ndarray:
+def fetch(x: jax.Array) -> np.ndarray:
   """The host copy of a replicated global array (works when other processes hold devices too)."""
   return np.asarray(x.addressable_data(0))
 
@@ -319,6 +385,10 @@ class Recommender:
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = loop.load_workdir_config(workdir)  # names config.json in its errors
+    if config.task.name == "calrec":
+      # A text decoder: no item table to score with; its own recommender has the same API.
+      raise ValueError(f"{os.path.join(workdir, 'config.json')}: a CALRec workdir; serve it with "
+                       "calrec_jax.recommend.CalrecRecommender (launch/recommend.py dispatches)")
     best_dir = os.path.join(workdir, "best")
     if not os.path.isdir(best_dir) or not any(d.isdigit() for d in os.listdir(best_dir)):
       raise FileNotFoundError(f"no best checkpoint under {best_dir}: the run has not finished an "
@@ -397,32 +467,11 @@ class Recommender:
       UnknownIdError: unknown ids with on_unknown="error".
       ValueError: an empty history (before or after dropping).
     """
-    if on_unknown not in ON_UNKNOWN:
-      raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
-    ids = [self._item_index.get(str(x), 0) for x in history]
-    unknown = [str(x) for x, i in zip(history, ids) if i == 0]
-    if unknown:
-      if on_unknown == "error":
-        shown = sorted(set(unknown))
-        raise UnknownIdError(
-            f"{what}: {len(shown)} unknown item id(s) not in the training data of "
-            f"{self.workdir}: {shown[:20]}{' ...' if len(shown) > 20 else ''}; pass "
-            "on_unknown='drop' to ignore them")
-      logging.info("%s: dropped %d unknown item id(s) of %d", what, len(unknown), len(ids))
-    dense = np.asarray([i for i in ids if i], dtype=np.int32)
-    if dense.size == 0:
-      raise ValueError(f"{what} is empty" + (f" after dropping {len(unknown)} unknown item id(s)"
-                                             if unknown else "") + ": nothing to recommend from")
-    return dense
+    return dense_item_ids(history, self._item_index, on_unknown, what, self.workdir)
 
   def user_index(self, users: Sequence[Any]) -> np.ndarray:
     """Original user ids -> [n] int64 user indices (order kept); unknown ids raise, naming them."""
-    idx = [self._user_index.get(str(u), -1) for u in users]
-    unknown = [str(u) for u, i in zip(users, idx) if i < 0]
-    if unknown:
-      raise UnknownIdError(f"{len(unknown)} unknown user id(s) not in the data of {self.workdir}: "
-                           f"{unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
-    return np.asarray(idx, dtype=np.int64)
+    return dense_user_ids(users, self._user_index, self.workdir)
 
   # -------------------------------------------------------------------------------------------
   # Device steps.
@@ -478,13 +527,13 @@ class Recommender:
       batch = {"inputs": gather_windows(items, e[mine], s[mine], self.max_len)}  # [G/P, L]
       if exclude:
         # The same width on every process (one global array), from the global batch's rows.
-        width = _bucket(int(np.max(e - s)))
+        width = shape_bucket(int(np.max(e - s)))
         batch["history"] = gather_windows(items, e[mine], s[mine], width)  # [G/P, H]
       yield lo, real, step(self.params, self.partitioner.shard_inputs(batch))
 
   def _batch_size_for(self, n: int) -> int:
     """Global batch for n rows: a power-of-two bucket (few shapes) up to `batch_size`."""
-    return min(self.batch_size, -(-_bucket(n, 1) // self._row_multiple) * self._row_multiple)
+    return min(self.batch_size, -(-shape_bucket(n, 1) // self._row_multiple) * self._row_multiple)
 
   def _csr(self, sequences: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     lengths = np.asarray([len(s) for s in sequences], dtype=np.int64)
@@ -509,11 +558,11 @@ class Recommender:
     n = len(starts)
     ids = np.zeros((n, k), np.int32)
     scores = np.full((n, k), -np.inf, np.float32)
-    for lo, real, (top_ids, top_scores) in _prefetched(
+    for lo, real, (top_ids, top_scores) in prefetched(
         self._run(items, starts, ends, "topk", self._batch_size_for(n), k=k,
                   exclude_seen=bool(exclude_seen))):
-      ids[lo:lo + real] = _fetch(top_ids)[:real]
-      scores[lo:lo + real] = _fetch(top_scores)[:real]
+      ids[lo:lo + real] = fetch(top_ids)[:real]
+      scores[lo:lo + real] = fetch(top_scores)[:real]
     return ids, scores
 
   def vectors_dense(self, sequences: Sequence[np.ndarray]) -> np.ndarray:
@@ -525,9 +574,9 @@ class Recommender:
     n = len(starts)
     if out is None:
       out = np.zeros((n, self.dim), np.float32)
-    for lo, real, vecs in _prefetched(
+    for lo, real, vecs in prefetched(
         self._run(items, starts, ends, "vectors", self._batch_size_for(n))):
-      out[lo:lo + real] = _fetch(vecs)[:real]
+      out[lo:lo + real] = fetch(vecs)[:real]
     return out
 
   @property
@@ -543,7 +592,7 @@ class Recommender:
                        in_shardings=(self.param_shardings,),
                        out_shardings=self.partitioner.replicated)
       with self.partitioner.context():
-        self._table = _fetch(gather(self.params)).astype(np.float32)
+        self._table = fetch(gather(self.params)).astype(np.float32)
     return self._table
 
   def item_embeddings(self) -> np.ndarray:
@@ -581,11 +630,7 @@ class Recommender:
       UnknownIdError: unknown item ids with on_unknown="error".
       ValueError: an empty history (also after dropping unknown ids).
     """
-    if isinstance(history, str):
-      raise TypeError(f"history must be a list of item ids (or a list of lists), got the str "
-                      f"{history!r}")
-    single = len(history) == 0 or not _is_sequence(history[0])
-    batch = [history] if single else list(history)
+    single, batch = split_histories(history)
     dense = [self.item_index(h, on_unknown, what=("history" if single else f"history {i}"))
              for i, h in enumerate(batch)]
     ids, scores = self.topk_dense(dense, k, exclude_seen)
@@ -658,69 +703,37 @@ class Recommender:
         "n_users": int(len(user_idx)), "process_index": me, "process_count": procs,
         "global_batch": g,
     }
-    meta_path = path + ".meta.json"
-    if os.path.exists(path) and not overwrite:
-      previous = _read_json(meta_path)
-      if previous is not None and previous.get("settings") == settings:
-        logging.info("%s is complete (%d rows); skipping (overwrite=True redoes it)", path,
-                     previous["rows"])
-        return {"path": path, "rows": previous["rows"], "skipped": True, "seconds": 0.0,
-                "users_per_second": float("nan")}
-      raise FileExistsError(
-          f"{path} exists but was written with other settings ({meta_path}: "
-          f"{previous and previous.get('settings')} vs now {settings}); pass overwrite=True "
-          "(--overwrite) to replace it")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    done = complete_output(path, settings, overwrite)
+    if done is not None:
+      return done
     offsets = self.dataset.offsets
     starts, ends = offsets[user_idx], offsets[user_idx + 1]
     local = g // procs
-    n_local = sum(max(0, min(len(user_idx) - lo - me * local, local))
-                  for lo in range(0, len(user_idx), g))
-    bar = _progress(n_local, enabled=progress and me == 0)
+    n_local = local_row_count(len(user_idx), g)
+    bar = progress_bar(n_local, enabled=progress and me == 0)
     user_json = [json.dumps(str(u)) for u in self.user_ids[user_idx]]
-    tmp = path + ".tmp"  # a fixed name: a killed run's leftover is overwritten, never read
-    rows = 0
-    t0 = time.perf_counter()
-    with open(tmp, "w", encoding="utf-8") as f:
-      for lo, real, (top_ids, top_scores) in _prefetched(
+    with RowsWriter(path, settings) as writer:
+      for lo, real, (top_ids, top_scores) in prefetched(
           self._run(self.dataset.items, starts, ends, "topk", g, k=k,
                     exclude_seen=bool(exclude_seen))):
         first, last = me * local, min(real, (me + 1) * local)  # this process's real rows
         if last <= first:
           continue
-        ids = _fetch(top_ids)[first:last]  # [b, K]
-        scores = _fetch(top_scores)[first:last]  # [b, K]
-        f.write(self._format_rows(user_json[lo + first:lo + last], ids, scores, decimals))
-        rows += last - first
+        ids = fetch(top_ids)[first:last]  # [b, K]
+        scores = fetch(top_scores)[first:last]  # [b, K]
+        writer.write(self._format_rows(user_json[lo + first:lo + last], ids, scores, decimals),
+                     last - first)
         bar.update(last - first)
-      f.flush()
-      os.fsync(f.fileno())
-    seconds = time.perf_counter() - t0
     bar.close()
-    # The settings go down before the rename: a file under `path` always has its settings.
-    fileio.atomic_write(meta_path, lambda m: json.dump({"settings": settings, "rows": rows}, m,
-                                                       indent=2), mode="w")
-    os.replace(tmp, path)
-    speed = rows / seconds if seconds > 0 else float("nan")
-    logging.info("wrote top-%d of %d users to %s in %.1f s (%.0f users/s)", k, rows, path,
-                 seconds, speed)
-    return {"path": path, "rows": rows, "skipped": False, "seconds": seconds,
-            "users_per_second": speed}
+    stats = writer.stats()
+    logging.info("wrote top-%d of %d users to %s in %.1f s (%.0f users/s)", k, stats["rows"],
+                 path, stats["seconds"], stats["users_per_second"])
+    return stats
 
   def _format_rows(self, user_json: Sequence[str], ids: np.ndarray, scores: np.ndarray,
                    decimals: Optional[int]) -> str:
-    """JSONL text of a block of rows; entries with score -inf (no candidate) are left out."""
-    values = scores.astype(np.float64)
-    if decimals is not None:
-      values = np.round(values, decimals)
-    lines = []
-    for u, row_ids, row_scores, row_values in zip(user_json, ids, scores, values):
-      keep = np.isfinite(row_scores)
-      if not keep.all():
-        row_ids, row_values = row_ids[keep], row_values[keep]
-      lines.append('{"user": %s, "items": [%s], "scores": [%s]}\n' % (
-          u, ", ".join(self._item_json[row_ids]), ", ".join(map(repr, row_values.tolist()))))
-    return "".join(lines)
+    """JSONL text of a block of rows (see `format_rows`)."""
+    return format_rows(user_json, self._item_json, ids, scores, decimals)
 
   # -------------------------------------------------------------------------------------------
   # Export.
@@ -747,7 +760,7 @@ class Recommender:
     items, starts, ends = self._csr(seqs)
     vecs = self._vectors(items, starts, ends)  # [S, D]
     model_scores = np.concatenate([
-        _fetch(s)[:real] for _, real, s in _prefetched(
+        fetch(s)[:real] for _, real, s in prefetched(
             self._run(items, starts, ends, "scores", self._batch_size_for(len(seqs))))])
     real = slice(1, self.n_items + 1)
     dots = vecs.astype(np.float64) @ self.item_table()[real].astype(np.float64).T  # [S, n]
@@ -806,7 +819,7 @@ class Recommender:
                 "tree_min_items": tree_min_items, "num_leaves": num_leaves,
                 "leaves_to_search": leaves_to_search, "reorder": reorder, "seed": seed}
     manifest_path = os.path.join(out_dir, EXPORT_MANIFEST)
-    previous = _read_json(manifest_path)
+    previous = read_json(manifest_path)
     if previous is not None and previous.get("settings") == settings and not overwrite:
       logging.info("%s is complete; skipping (overwrite=True rebuilds it)", out_dir)
       return previous
@@ -880,7 +893,7 @@ def _is_sequence(x: Any) -> bool:
   return isinstance(x, (list, tuple, np.ndarray))
 
 
-def _prefetched(gen: Iterator[Tuple[int, int, Any]]) -> Iterator[Tuple[int, int, Any]]:
+def prefetched(gen: Iterator[Tuple[int, int, Any]]) -> Iterator[Tuple[int, int, Any]]:
   """Yields each item of `gen` only after the next one was produced (dispatched)."""
   previous = None
   for item in gen:
@@ -891,7 +904,8 @@ def _prefetched(gen: Iterator[Tuple[int, int, Any]]) -> Iterator[Tuple[int, int,
     yield previous
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+  """A JSON file's content; None when it is missing or unreadable (e.g. cut short)."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -907,11 +921,139 @@ class _NoBar:
     pass
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str = "recommend"):
+  """A tqdm bar over `total` users, or a no-op stand-in when disabled."""
   if not enabled:
     return _NoBar()
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, desc="recommend", unit="user", dynamic_ncols=True)
+  return tqdm(total=total, desc=desc, unit="user", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-K JSONL files: shared by every recommender (item-id encoders here, CALRec in calrec_jax).
+
+
+def local_row_count(n: int, global_batch: int) -> int:
+  """Rows this process writes of n rows cut in global batches (process p: rows [p G/P, (p+1) G/P)
+  of each batch, the last batch's padding excluded)."""
+  procs, me = jax.process_count(), jax.process_index()
+  local = global_batch // procs
+  return sum(max(0, min(n - lo - me * local, local)) for lo in range(0, n, global_batch))
+
+
+def format_rows(user_json: Sequence[str], item_json: np.ndarray, ids: np.ndarray,
+                scores: np.ndarray, decimals: Optional[int]) -> str:
+  """JSONL text of a block of `{"user", "items", "scores"}` rows, best item first.
+
+  Args:
+    user_json: b JSON-encoded user ids.
+    item_json: JSON-encoded original item ids by dense id (an object array).
+    ids: [b, K] dense item ids.
+    scores: [b, K] scores; entries that are not finite (-inf: no candidate) are left out, so a
+      row may hold fewer than K items.
+    decimals: scores are rounded to this many decimals (None: the exact value).
+
+  Returns:
+    b lines, each ending with a newline.
+  """
+  values = scores.astype(np.float64)
+  if decimals is not None:
+    values = np.round(values, decimals)
+  lines = []
+  for u, row_ids, row_scores, row_values in zip(user_json, ids, scores, values):
+    keep = np.isfinite(row_scores)
+    if not keep.all():
+      row_ids, row_values = row_ids[keep], row_values[keep]
+    lines.append('{"user": %s, "items": [%s], "scores": [%s]}\n' % (
+        u, ", ".join(item_json[row_ids]), ", ".join(map(repr, row_values.tolist()))))
+  return "".join(lines)
+
+
+def complete_output(path: str, settings: Dict[str, Any],
+                    overwrite: bool) -> Optional[Dict[str, Any]]:
+  """Whether `path` is already done: a complete file written with the same settings.
+
+  Args:
+    path: the output file of this process.
+    settings: everything the file's content depends on (compared with `<path>.meta.json`).
+    overwrite: redo the file whatever it holds.
+
+  Returns:
+    The stats to return for a complete file with the same settings (skipped), or None when the
+    file must be (re)written: it is missing (a killed run's `.tmp` does not count), or overwrite.
+
+  Raises:
+    FileExistsError: a complete file from other settings exists and overwrite is False.
+  """
+  if not os.path.exists(path) or overwrite:
+    return None
+  meta_path = path + ".meta.json"
+  previous = read_json(meta_path)
+  if previous is not None and previous.get("settings") == settings:
+    logging.info("%s is complete (%d rows); skipping (overwrite=True redoes it)", path,
+                 previous["rows"])
+    return {"path": path, "rows": previous["rows"], "skipped": True, "seconds": 0.0,
+            "users_per_second": float("nan")}
+  raise FileExistsError(
+      f"{path} exists but was written with other settings ({meta_path}: "
+      f"{previous and previous.get('settings')} vs now {settings}); pass overwrite=True "
+      "(--overwrite) to replace it")
+
+
+class RowsWriter:
+  """Writes a JSONL file so that a file under its final name is always complete.
+
+  Rows go to `<path>.tmp` (a fixed name: a killed run's leftover is overwritten, never read).
+  On a clean exit of the `with` block the file is synced, `<path>.meta.json` records the settings
+  and the row count, and only then is the `.tmp` renamed: a file under `path` always has its
+  settings, which is what lets `complete_output` skip it on a rerun.  An exception leaves the
+  `.tmp` alone and `path` untouched.
+
+    with RowsWriter(path, settings) as writer:
+      writer.write(text, n_rows)
+    stats = writer.stats()
+  """
+
+  def __init__(self, path: str, settings: Dict[str, Any]):
+    self.path = path
+    self.settings = settings
+    self.rows = 0
+    self.seconds = 0.0
+    self._file = None
+    self._t0 = 0.0
+
+  def __enter__(self) -> "RowsWriter":
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self._t0 = time.perf_counter()
+    # Closed in __exit__: the file outlives this method by design.
+    self._file = open(self.path + ".tmp", "w", encoding="utf-8")  # pylint: disable=R1732
+    return self
+
+  def write(self, text: str, rows: int) -> None:
+    """Appends `text` holding `rows` rows."""
+    self._file.write(text)
+    self.rows += int(rows)
+
+  def __exit__(self, exc_type, exc, tb) -> bool:
+    f, self._file = self._file, None
+    if exc_type is not None:
+      f.close()
+      return False  # re-raise; no meta, no rename
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    self.seconds = time.perf_counter() - self._t0
+    fileio.atomic_write(self.path + ".meta.json",
+                        lambda m: json.dump({"settings": self.settings, "rows": self.rows}, m,
+                                            indent=2), mode="w")
+    os.replace(self.path + ".tmp", self.path)
+    return False
+
+  def stats(self) -> Dict[str, Any]:
+    """{"path", "rows", "skipped": False, "seconds", "users_per_second"} of the written file."""
+    speed = self.rows / self.seconds if self.seconds > 0 else float("nan")
+    return {"path": self.path, "rows": self.rows, "skipped": False, "seconds": self.seconds,
+            "users_per_second": speed}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,6 +109,27 @@ def test_temperature_sampling_is_deterministic_per_rng(setup):
   assert all(set(first[r]) <= set(top[r]) for r in range(3))
 
 
+def test_one_key_per_prompt_is_independent_of_the_batch(setup):
+  """With [B] keys a prompt's samples depend on its key alone: alone, reordered or batched."""
+  model, params, prompts, mask = setup
+  kwargs = dict(num_samples=3, max_new_tokens=5, temperature=1.5, eos_id=None, pad_id=PAD)
+  keys = jax.random.split(jax.random.key(4), 3)
+  batch = np.asarray(generate.sample(model, params, prompts, mask, keys, **kwargs))
+  assert (batch[:, 0] != batch[:, 1]).any()  # a prompt's samples still differ
+  for r in range(3):
+    alone = generate.sample(model, params, prompts[r:r + 1], mask[r:r + 1], keys[r:r + 1],
+                            **kwargs)
+    np.testing.assert_array_equal(np.asarray(alone)[0], batch[r])
+  order = np.array([2, 0, 1])
+  shuffled = generate.sample(model, params, prompts[order], mask[order], keys[order], **kwargs)
+  np.testing.assert_array_equal(np.asarray(shuffled), batch[order])
+  # Raw uint32 keys ([B, 2]) are the same keys.
+  raw = generate.sample(model, params, prompts, mask, jax.random.key_data(keys), **kwargs)
+  np.testing.assert_array_equal(np.asarray(raw), batch)
+  with pytest.raises(ValueError, match="one key per prompt"):
+    generate.sample(model, params, prompts, mask, keys[:2], **kwargs)
+
+
 def test_rejects_bad_arguments(setup):
   model, params, prompts, mask = setup
   with pytest.raises(ValueError, match="temperature"):
