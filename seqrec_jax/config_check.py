@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from seqrec_jax import metrics as metrics_lib
+from seqrec_jax.large_catalog import SOFTMAX_KINDS
 
 DATA_FORMATS = ("pairs", "atomic", "p5", "amazon")
 REQUIRED = {
@@ -47,6 +48,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.loss_positions not in ("last", "all"):
     raise ValueError(f"config.model.loss_positions={config.model.loss_positions!r}; "
                      "allowed: 'last', 'all'")
+  _check_softmax(config)
   if config.optim.lr <= 0:
     raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")
   if config.task.name == "calrec":
@@ -58,3 +60,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.train.early_stop_metric not in keys:
     raise ValueError(f"config.train.early_stop_metric={config.train.early_stop_metric!r} is not "
                      f"one of the evaluated metrics {keys}")
+
+
+def _check_softmax(config: ml_collections.ConfigDict) -> None:
+  """config.model.softmax and its options (optional keys: older configs mean "full")."""
+  model = config.model
+  kind = model.get("softmax", "full")
+  if kind not in SOFTMAX_KINDS:
+    raise ValueError(f"config.model.softmax={kind!r}; allowed: {SOFTMAX_KINDS}")
+  for key, kind_of, positive in (("num_negatives", int, True), ("softmax_chunk", int, True),
+                                 ("sampling_power", float, False)):
+    if key not in model:
+      continue
+    value = model[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind_of is float else int):
+      raise ValueError(f"config.model.{key} must be {kind_of.__name__}, got {value!r}")
+    if value < 0 or (positive and value == 0):
+      raise ValueError(f"config.model.{key} must be {'positive' if positive else '>= 0'}, "
+                       f"got {value}")
+  if kind == "full":
+    return
+  if model.loss_positions != "last":
+    raise ValueError(f"config.model.softmax={kind!r} supports config.model.loss_positions='last' "
+                     f"only, got {model.loss_positions!r}")
+  # Only the next-item task's loss reads the switch; others (cloze, sracl, calrec) would
+  # silently train with the full softmax, or (sracl + sampled) miss the proposal constants.
+  if config.task.name != "next_item":
+    raise ValueError(f"config.model.softmax={kind!r} is implemented for config.task.name="
+                     f"'next_item' only, got {config.task.name!r}")

@@ -38,6 +38,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_pad_multiple = 64  # item table rows rounded up (even item-axis sharding)
   c.model.dtype = "float32"  # compute dtype; params stay float32
   c.model.loss_positions = "last"  # CE at the last position (reference) | all positions
+  # Softmax of the next-item loss (seqrec_jax/large_catalog.py), for catalogues of millions:
+  #   full: [B, V] logits on every device (reference; fine up to ~1e5 items);
+  #   sharded: the same CE, the item table sharded over the mesh's "vocab" axis and scored in
+  #     blocks of softmax_chunk rows per device (memory O(B x chunk)); loss_positions="last";
+  #   sampled: num_negatives shared negatives from (train count + 1) ** sampling_power with logQ
+  #     correction (an estimate of the full CE at O(B x num_negatives)); loss_positions="last".
+  c.model.softmax = "full"
+  c.model.num_negatives = 1024  # sampled only
+  c.model.sampling_power = 0.75  # sampled only: 0 = uniform, 1 = popularity
+  c.model.softmax_chunk = 65536  # sharded only: item rows scored at once per device
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"  # adam | adamw

@@ -17,13 +17,17 @@ Tasks are looked up by `config.task.name`; SRA-CL registers itself from `sracl_j
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+
+from seqrec_jax import large_catalog
 
 BASE_TRAIN_FIELDS = {"inputs": 2, "targets": 1, "target_seq": 2, "users": 1, "weights": 1,
                      "examples": 1}
@@ -37,8 +41,20 @@ def _logits_everywhere(module, inputs, train):
   return module.score(module.encode(inputs, train=train))
 
 
+def _vector_and_table(module, inputs, train):
+  """The [B, D] sequence vector and the [V, D] item table it is scored against (tied output)."""
+  return module(inputs, train=train), module.item_embedding.embedding
+
+
+# Folded into the step's dropout key for the sampled softmax's draws, so that the dropout masks
+# are the ones the full softmax would use.
+_NEGATIVES_SALT = 0x6E6567
+
+
 def next_item_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.Array, *,
-                   model: nn.Module, loss_positions: str = "last", train: bool = True):
+                   model: nn.Module, loss_positions: str = "last", train: bool = True,
+                   softmax: Optional[large_catalog.SoftmaxConfig] = None,
+                   consts: Optional[Dict[str, jax.Array]] = None):
   """Cross-entropy over all items for next-item prediction.
 
   Args:
@@ -49,11 +65,36 @@ def next_item_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.A
     loss_positions: "last" (the SRA-CL reference: CE at the last position only) or "all" (CE at
       every non-padding position against the next item).
     train: dropout on/off.
+    softmax: how the softmax normalises (see `large_catalog.SoftmaxConfig`); None = "full", the
+      [B, V] logits.  "sharded" and "sampled" need loss_positions="last".
+    consts: "sampled" only: {"sampling_cdf": [V], "sampling_log_q": [V]} (`item_proposal`).
 
   Returns:
     (sum of weighted CE, sum of weights): the caller divides, so padding rows count for nothing.
   """
   variables = {"params": backbone_params}
+  kind = softmax.kind if softmax is not None else "full"
+  if kind != "full":
+    if loss_positions != "last":
+      raise ValueError(f"config.model.softmax={kind!r} supports loss_positions='last' only, got "
+                       f"{loss_positions!r}; use softmax='full' for the all-positions loss")
+    hidden, table = model.apply(variables, batch["inputs"], train, rngs={"dropout": rng},
+                                method=_vector_and_table)  # [B, D], [V, D]
+    n_items = model.config.n_items
+    if kind == "sharded":
+      ce = large_catalog.sharded_softmax_cross_entropy(
+          hidden, table, batch["targets"], n_items=n_items, chunk_size=softmax.chunk_size)  # [B]
+    else:
+      if not consts or "sampling_cdf" not in consts:
+        raise ValueError("softmax='sampled' needs the task's consts sampling_cdf/sampling_log_q; "
+                         "this task passes none to next_item_loss")
+      ce = large_catalog.sampled_softmax_loss(
+          hidden, table, batch["targets"], jax.random.fold_in(rng, _NEGATIVES_SALT),
+          num_negatives=softmax.num_negatives, item_log_q=consts["sampling_log_q"],
+          sampling_cdf=consts["sampling_cdf"])  # [B]
+    w = batch["weights"]
+    ce = jnp.where(w > 0, ce, 0.0)
+    return jnp.sum(ce * w), jnp.sum(w)
   if loss_positions == "last":
     logits = model.apply(variables, batch["inputs"], train, rngs={"dropout": rng},
                          method=_logits_at_last)  # [B, V]
@@ -80,8 +121,14 @@ class NextItemTask:
     self.model = model
     self.max_len = config.data.max_len
     self.loss_positions = config.model.loss_positions
+    self.softmax = large_catalog.SoftmaxConfig.from_config(config.model)
+    if self.softmax.kind != "full" and self.loss_positions != "last":
+      raise ValueError(f"config.model.softmax={self.softmax.kind!r} supports "
+                       f"config.model.loss_positions='last' only, got {self.loss_positions!r}")
     self.consts: Dict[str, Any] = {}
     self.consts_axes: Dict[str, Tuple] = {}
+    if self.softmax.kind == "sampled":
+      self.consts, self.consts_axes = _sampling_consts(split, model, self.softmax.sampling_power)
 
   def host_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
     return batch
@@ -93,10 +140,32 @@ class NextItemTask:
     return params
 
   def loss(self, params, batch, consts, rng):
-    del consts
     loss_sum, weight_sum = next_item_loss(params, batch, rng, model=self.model,
-                                          loss_positions=self.loss_positions)
+                                          loss_positions=self.loss_positions,
+                                          softmax=self.softmax, consts=consts)
     return loss_sum, weight_sum, {}
+
+
+def _sampling_consts(split: Any, model: nn.Module, power: float):
+  """The sampled softmax's proposal over the item table's rows, from training-target counts.
+
+  Only training targets are counted (validation and test items would leak).  Without a split
+  (unit tests building a task alone) the proposal is uniform over items.
+
+  Returns:
+    ({"sampling_cdf": [V], "sampling_log_q": [V]} float32 numpy arrays, their logical axes).
+    Both are replicated: the sampler binary-searches the whole CDF on every device.
+  """
+  n_items = model.config.n_items
+  if split is not None:
+    targets = split.dataset.items[split.train_targets]
+    counts = np.bincount(targets, minlength=n_items + 1)[:n_items + 1]  # [n_items + 1]
+  else:
+    logging.warning("softmax='sampled' without a data split: uniform proposal over items")
+    counts, power = np.zeros(n_items + 1), 0.0
+  cdf, log_q = large_catalog.item_proposal(counts, power, model.config.table_rows)
+  return ({"sampling_cdf": cdf, "sampling_log_q": log_q},
+          {"sampling_cdf": (None,), "sampling_log_q": (None,)})
 
 
 _TASKS: Dict[str, Callable[..., Any]] = {"next_item": NextItemTask}

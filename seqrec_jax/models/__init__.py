@@ -16,6 +16,10 @@ from seqrec_jax.models.bert4rec import BERT4Rec, BERT4RecConfig
 from seqrec_jax.models.gru4rec import GRU4Rec, GRU4RecConfig
 from seqrec_jax.models.sasrec import SASRec, SASRecConfig
 
+# config.model keys that configure the loss (seqrec_jax.tasks), not the encoder.
+LOSS_KEYS = ("name", "loss_positions", "softmax", "num_negatives", "sampling_power",
+             "softmax_chunk")
+
 # name -> (module class, config dataclass)
 _REGISTRY: Dict[str, Any] = {
     "sasrec": (SASRec, SASRecConfig),
@@ -33,8 +37,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, n_items: int, max_le
   """Builds the encoder named by `model_config.name` from the config's other fields.
 
   Args:
-    model_config: the `config.model` section; every key but `name` and `loss_positions` must be a
-      field of the encoder's config dataclass.
+    model_config: the `config.model` section; every key but `LOSS_KEYS` (read by the task, not
+      the encoder) must be a field of the encoder's config dataclass.
     n_items: number of real items in the dataset.
     max_len: input window length.
 
@@ -46,7 +50,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, n_items: int, max_le
     raise ValueError(f"config.model.name={name!r} is unknown; known: {sorted(_REGISTRY)}")
   module_cls, config_cls = _REGISTRY[name]
   fields = {f for f in config_cls.__dataclass_fields__}
-  kwargs = {k: v for k, v in model_config.items() if k not in ("name", "loss_positions")}
+  kwargs = {k: v for k, v in model_config.items() if k not in LOSS_KEYS}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f"config.model has keys {unknown} that {config_cls.__name__} does not take; "
