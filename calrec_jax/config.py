@@ -65,7 +65,9 @@ def default_calrec_config() -> ml_collections.ConfigDict:
   c.calrec.bm25_k1 = 1.5
   c.calrec.bm25_b = 0.75
 
-  c.train.early_stop_metric = "emb/NDCG@10"  # periodic validation ranks items by v_U . v_T
+  # Periodic validation: emb/* rank items by v_U . v_T; gen/nig is the target-text token loss
+  # (select it with early_stop_mode="min").
+  c.train.early_stop_metric = "emb/NDCG@10"
   c.train.batch_size = 32
   c.train.num_epochs = 5
   c.train.patience = 3
@@ -82,7 +84,7 @@ def default_calrec_config() -> ml_collections.ConfigDict:
 
 def early_stop_keys(config: ml_collections.ConfigDict) -> list:
   """The metric names the periodic validation reports (one may be the early-stop metric)."""
-  return [f"emb/{k}" for k in ranking.metric_keys(tuple(config.eval.ks))]
+  return [f"emb/{k}" for k in ranking.metric_keys(tuple(config.eval.ks))] + ["gen/nig"]
 
 
 def validate_calrec(config: ml_collections.ConfigDict) -> None:

@@ -212,6 +212,13 @@ def pool_hidden(model, params, tokens, mask, left_padded: bool):
   return losses.masked_mean(hidden, mask)
 
 
+def _generation_sums(model, params, tokens, labels, nig_mask):
+  """Summed target-text token cross-entropy and the token count of one batch (no dropout)."""
+  logits, _ = model.apply({"params": params}, tokens)
+  gen = losses.generation_loss(logits, labels, nig_mask)
+  return {"ce": gen["nig"] * gen["tokens"], "tokens": gen["tokens"]}
+
+
 def _embedding_sums(user_vecs, item_vecs, targets, weights, *, similarity, ks):
   """Full-catalogue ranking by v_U . v_T: Recall/NDCG sums (row 0 of item_vecs is padding)."""
   if similarity == "cosine":
@@ -257,6 +264,9 @@ class CalrecEvaluator:
                           temperature=float(self.c.sample_temperature),
                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),
         in_shardings=(param_shardings, rows(2), rows(2), repl), out_shardings=rows(3))
+    self._gen_sums = partitioner.partition_step(
+        functools.partial(_generation_sums, model),
+        in_shardings=(param_shardings, rows(2), rows(2), rows(2)), out_shardings=repl)
     self._bm25 = {}
 
   # ----- helpers
@@ -304,6 +314,21 @@ class CalrecEvaluator:
       v_u = self._pool_users(params, shard["t"], shard["m"])
       total = metrics_lib.accumulate(total, self._emb_sums(v_u, item_vecs, shard["y"], shard["w"]))
     return _rename(metrics_lib.normalise(jax.device_get(total), self.ks), self.ks)
+
+  def generation_loss(self, params, cat, stage, users_limit) -> float:
+    """Mean token cross-entropy of the held-out item's text given the history (L_NIG on valid)."""
+    split = self._users(cat, users_limit, 1 if stage == "valid" else 2)
+    total = None
+    for batch in data_lib.eval_batches(split, stage, self.config.data.max_len, self.batch_size):
+      built = examples_lib.build_train_batch(cat.serializer, batch["inputs"], batch["targets"],
+                                             batch["weights"], int(self.c.max_tokens),
+                                             int(self.c.max_item_tokens))
+      shard = self.partitioner.shard_inputs({k: built[k] for k in ("tokens", "labels",
+                                                                    "nig_mask")})
+      total = metrics_lib.accumulate(total, self._gen_sums(params, shard["tokens"],
+                                                           shard["labels"], shard["nig_mask"]))
+    total = jax.device_get(total)
+    return float(total["ce"]) / max(float(total["tokens"]), 1.0)
 
   def bm25(self, cat: Category):
     if cat.name not in self._bm25:
@@ -368,6 +393,8 @@ class CalrecEvaluator:
     for cat in self.cats:
       m = self.embedding_metrics(params, cat, stage, int(self.c.eval_users))
       per_cat[cat.name] = {f"emb/{k}": v for k, v in m.items()}
+      per_cat[cat.name]["gen/nig"] = self.generation_loss(params, cat, stage,
+                                                          int(self.c.eval_users))
     return self._combine(per_cat, self.train_names)
 
   def final(self, params, stage: str) -> Dict[str, float]:
@@ -377,6 +404,7 @@ class CalrecEvaluator:
       limit = int(self.c.test_users)
       metrics = {f"emb/{k}": v for k, v in
                  self.embedding_metrics(params, cat, stage, limit).items()}
+      metrics["gen/nig"] = self.generation_loss(params, cat, stage, limit)
       for rule, m in self.generation_metrics(params, cat, stage, limit).items():
         prefix = "" if rule == self.c.merge else f"{rule}/"
         metrics.update({f"{prefix}{k}": v for k, v in m.items()})

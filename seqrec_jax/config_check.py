@@ -49,6 +49,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.loss_positions={config.model.loss_positions!r}; "
                      "allowed: 'last', 'all'")
   _check_softmax(config)
+  mode = config.train.get("early_stop_mode", "max")  # absent in configs of older versions
+  if mode not in ("max", "min"):
+    raise ValueError(f"config.train.early_stop_mode={mode!r}; allowed: 'max', 'min'")
   if config.optim.lr <= 0:
     raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")
   if config.task.name == "calrec":

@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.patience = 10  # evaluations without improvement before stopping; 0 = never stop early
   c.train.early_stop_metric = "NDCG@10"
+  c.train.early_stop_mode = "max"  # max: higher is better (metrics) | min: lower is (losses)
   c.train.stop_at_step = -1  # stop (checkpointed) at this step as if preempted; -1 = off
   c.train.progress = True  # tqdm progress bar on process 0
 

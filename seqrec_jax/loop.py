@@ -227,6 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer = MetricWriter(workdir, enabled=is_main, resume_step=step)
 
   metric_name = config.train.early_stop_metric
+  lower_is_better = config.train.get("early_stop_mode", "max") == "min"
   stop_at = config.train.stop_at_step
   preemption = PreemptionWatch()
   t_start = time.perf_counter() - loop["train_seconds"]
@@ -249,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       valid = evaluate(state.params, "valid")
       writer.write(step, "valid", valid)
       value = valid[metric_name]
-      if loop["best_metric"] is None or value > loop["best_metric"]:
+      if loop["best_metric"] is None or _improves(value, loop["best_metric"], lower_is_better):
         loop.update(best_metric=value, best_step=step, bad_evals=0)
         ckpt.save_best(step, state.params, {"step": step, "valid": valid})
       else:
@@ -382,6 +383,11 @@ class PreemptionWatch:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous = {}
+
+
+def _improves(value: float, best: float, lower_is_better: bool) -> bool:
+  """Whether a validation value beats the best so far (a loss improves downwards)."""
+  return value < best if lower_is_better else value > best
 
 
 def _check_batch(batch_size: int, partitioner: sharding.Partitioner, key: str) -> None:

@@ -35,8 +35,12 @@ def _check_metrics(metrics, prefixes):
 
 
 def test_tiny_ml100k_trains_and_reports_every_ranking(tmp_path):
-  results = loop.train_and_evaluate(_ml100k_tiny(), str(tmp_path))
+  # Model selection by the validation generation loss, lower is better.
+  results = loop.train_and_evaluate(
+      _ml100k_tiny(**{"train.early_stop_metric": "gen/nig", "train.early_stop_mode": "min"}),
+      str(tmp_path))
   _check_metrics(results["test"], ["", "rr/", "max/", "emb/"])
+  assert 0.0 < results["test"]["gen/nig"] < 20.0
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["test"] == results["test"]
   assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.json")
@@ -46,6 +50,8 @@ def test_tiny_ml100k_trains_and_reports_every_ranking(tmp_path):
   assert {"nig", "tt", "ut"} <= set(train[0])
   # Training lowers the generation loss of the target text.
   assert train[-1]["nig"] < train[0]["nig"]
+  valid = [l for l in lines if l["split"] == "valid"]
+  assert results["best_step"] == min(valid, key=lambda l: l["gen/nig"])["step"]
   print(loop.format_results(results))
 
 

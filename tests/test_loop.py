@@ -206,3 +206,15 @@ def test_evaluate_workdir_reproduces_results(pairs_file, tmp_path):
   assert excluded["test"]["HR@10"] >= results["test"]["HR@10"]
   with pytest.raises(FileNotFoundError, match="config.json"):
     loop.evaluate_workdir(str(tmp_path / "nothing"))
+
+
+def test_early_stop_mode():
+  from seqrec_jax.config_check import validate_config  # pylint: disable=g-import-not-at-top
+  assert loop._improves(0.5, 0.4, lower_is_better=False)  # pylint: disable=protected-access
+  assert not loop._improves(0.5, 0.4, lower_is_better=True)  # pylint: disable=protected-access
+  assert loop._improves(0.3, 0.4, lower_is_better=True)  # pylint: disable=protected-access
+  from configs.sasrec import ml100k  # pylint: disable=g-import-not-at-top
+  c = ml100k.get_config("tiny")
+  c.train.early_stop_mode = "median"
+  with pytest.raises(ValueError, match="early_stop_mode"):
+    validate_config(c)
