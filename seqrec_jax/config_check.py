@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
 
 from seqrec_jax import metrics as metrics_lib
 from seqrec_jax.large_catalog import SOFTMAX_KINDS
+
+# Tasks that validate their own config (and early-stop metric names): "module:function".
+_TASK_VALIDATORS = {"calrec": "calrec_jax.config:validate_calrec"}
 
 DATA_FORMATS = ("pairs", "atomic", "p5", "amazon")
 REQUIRED = {
@@ -54,10 +59,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.early_stop_mode={mode!r}; allowed: 'max', 'min'")
   if config.optim.lr <= 0:
     raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")
-  if config.task.name == "calrec":
-    # CALRec reports Recall/NDCG of several rankings; its own module checks its section.
-    from calrec_jax.config import validate_calrec  # pylint: disable=g-import-not-at-top
-    validate_calrec(config)
+  if config.task.name in _TASK_VALIDATORS:
+    # Such a task reports metrics of its own (CALRec: Recall/NDCG of several rankings) and
+    # checks its own config section; the core names it only by module path.
+    module, function = _TASK_VALIDATORS[config.task.name].split(":")
+    getattr(importlib.import_module(module), function)(config)
     return
   keys = metrics_lib.metric_keys(tuple(config.eval.ks))
   if config.train.early_stop_metric not in keys:
