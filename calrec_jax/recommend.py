@@ -73,7 +73,6 @@ from seqrec_jax import checkpointing
 from seqrec_jax import loop
 from seqrec_jax import recommend as seqrec_recommend
 from seqrec_jax import sharding
-from seqrec_jax.data.batching import gather_windows
 # Re-exported: callers catch the same error type and get the same result type as for id models.
 from seqrec_jax.recommend import Recommendation, UnknownIdError  # pylint: disable=unused-import
 
@@ -381,34 +380,23 @@ class CalrecRecommender:
            **static) -> Iterator[Tuple[int, int, Any]]:
     """Runs a step over the prompts of sequences `items[starts[i]:ends[i]]`, batch by batch.
 
-    As `seqrec_jax.recommend.Recommender._run`: every process passes the same sequences and
-    builds the prompts of its own slice of each global batch (the last one padded by repeating
-    its first row); batch b+1 is dispatched before the caller fetches batch b.
+    As `seqrec_jax.recommend.Recommender._run`: `process_batches` gives this process's slice of
+    each global batch, whose prompts are built here; batch b+1 is dispatched before the caller
+    fetches batch b.
 
     Yields:
       (first global row, number of real rows, device result of the step), in order.
     """
-    n = len(starts)
-    procs, me = jax.process_count(), jax.process_index()
-    local = global_batch // procs
     step = self._step(kind, **static)
     exclude = bool(static.get("exclude_seen", False))
-    for lo in range(0, n, global_batch):
-      s, e = starts[lo:lo + global_batch], ends[lo:lo + global_batch]  # [<=G]
-      real = len(s)
-      if real < global_batch:
-        s = np.concatenate([s, np.full(global_batch - real, s[0], s.dtype)])  # [G]
-        e = np.concatenate([e, np.full(global_batch - real, e[0], e.dtype)])  # [G]
-      mine = slice(me * local, (me + 1) * local)
-      windows = gather_windows(items, e[mine], s[mine], self.max_len)  # [G/P, L]
+    for lo, real, windows, history in seqrec_recommend.process_batches(
+        items, starts, ends, global_batch, self.max_len, exclude):
       tokens, mask = examples_lib.build_prompt_batch(cat.serializer, windows, self.prompt_len)
       batch = {"tokens": tokens, "mask": mask.astype(np.int32)}  # [G/P, T]
       if kind == "generate":
         batch["seeds"] = prompt_seeds(tokens)  # [G/P]
-      if exclude:
-        # One width for the global array, from the global batch's rows.
-        width = seqrec_recommend.shape_bucket(int(np.max(e - s)))
-        batch["history"] = gather_windows(items, e[mine], s[mine], width)  # [G/P, H]
+      if history is not None:
+        batch["history"] = history  # [G/P, H]
       yield lo, real, step(self.params, self.partitioner.shard_inputs(batch), *extra)
 
   # -------------------------------------------------------------------------------------------

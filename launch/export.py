@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
 import jax
 
 from seqrec_jax import distributed
@@ -37,19 +36,14 @@ _MIN_RECALL = flags.DEFINE_float("min_recall", 0.95, "Warn below this recall.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "Users per global batch; default config.eval.batch_size.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild a complete export.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_START_PROCESSES = distributed.define_process_flags()
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
+  _START_PROCESSES()
   rec = recommend.Recommender.from_workdir(_WORKDIR.value, batch_size=_BATCH_SIZE.value)
   out = _OUT.value or os.path.join(rec.workdir, "export")
   manifest = rec.export(out, k=_TOP_K.value, recall_sample=_RECALL_SAMPLE.value,

@@ -24,8 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from absl import logging
-import jax
 
 from seqrec_jax import distributed
 from seqrec_jax import loop
@@ -49,19 +47,14 @@ _METHOD = flags.DEFINE_enum("method", "generate", ["generate", "embedding"],
 _RNG_SEED = flags.DEFINE_integer("rng_seed", 0, "CALRec only: sampling seed.")
 _CATEGORY = flags.DEFINE_string("category", None,
                                 "CALRec only: the category of a multi-category (Stage I) workdir.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_START_PROCESSES = distributed.define_process_flags()
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
+  _START_PROCESSES()
   config = loop.load_workdir_config(_WORKDIR.value)
   kwargs = {}
   if config.task.name == "calrec":

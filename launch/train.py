@@ -24,10 +24,7 @@ from seqrec_jax import loop
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, results).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_START_PROCESSES = distributed.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,9 +39,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)  # one process logs
+  _START_PROCESSES()
   logging.info("JAX process %d/%d, local devices %d, global devices %d", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

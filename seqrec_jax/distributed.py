@@ -12,7 +12,7 @@ On CPU, cross-process collectives use gloo.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 from absl import logging
@@ -48,6 +48,26 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def define_process_flags() -> Callable[[], None]:
+  """Defines --coordinator_address/--num_processes/--process_id (absl) for a launcher.
+
+  Returns a function to call at the top of `main`: it starts jax.distributed from the flags
+  (`initialize`) and leaves logging to process 0 (the others log warnings only).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  coordinator = flags.DEFINE_string("coordinator_address", None,
+                                    "host:port of process 0 (multi-process runs).")
+  num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+  def start() -> None:
+    initialize(coordinator.value, num_processes.value, process_id.value)
+    if jax.process_index() != 0:
+      logging.set_verbosity(logging.WARNING)  # one process logs
+
+  return start
 
 
 def _cpu_collectives() -> None:

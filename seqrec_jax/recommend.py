@@ -238,6 +238,39 @@ def scores_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -
   return model.apply({"params": params}, batch["inputs"], method=_scores)
 
 
+def process_batches(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, global_batch: int,
+                    max_len: int, with_history: bool = False
+                    ) -> Iterator[Tuple[int, int, np.ndarray, Optional[np.ndarray]]]:
+  """This process's slice of each global batch of sequences `items[starts[i]:ends[i]]`.
+
+  Every process passes the same (items, starts, ends) and gets its own rows of each global batch
+  (as `data.eval_batches` does); the last batch is padded by repeating its first row.
+
+  Yields:
+    (first global row, number of real rows, last `max_len` items of each local row [G/P, L],
+     the whole histories [G/P, H] or None). H is a power-of-two bucket of the longest history in
+     the *global* batch, so every process builds arrays of the same width.
+  """
+  n = len(starts)
+  procs, me = jax.process_count(), jax.process_index()
+  if global_batch % procs:
+    raise ValueError(f"global batch {global_batch} is not divisible by {procs} processes")
+  local = global_batch // procs
+  mine = slice(me * local, (me + 1) * local)
+  for lo in range(0, n, global_batch):
+    s, e = starts[lo:lo + global_batch], ends[lo:lo + global_batch]  # [<=G]
+    real = len(s)
+    if real < global_batch:
+      s = np.concatenate([s, np.full(global_batch - real, s[0], s.dtype)])  # [G]
+      e = np.concatenate([e, np.full(global_batch - real, e[0], e.dtype)])  # [G]
+    windows = gather_windows(items, e[mine], s[mine], max_len)  # [G/P, L]
+    history = None
+    if with_history:
+      width = shape_bucket(int(np.max(e - s)))
+      history = gather_windows(items, e[mine], s[mine], width)  # [G/P, H]
+    yield lo, real, windows, history
+
+
 def fetch(x: jax.Array) -> np.ndarray:
   """The host copy of a replicated global array (works when other processes hold devices too)."""
   return np.asarray(x.addressable_data(0))
@@ -504,31 +537,19 @@ class Recommender:
            global_batch: int, **static) -> Iterator[Tuple[int, int, Any]]:
     """Runs a step over sequences `items[starts[i]:ends[i]]`, one global batch at a time.
 
-    Every process passes the same (items, starts, ends) and feeds its own slice of each global
-    batch (as `data.eval_batches` does); the last batch is padded by repeating its first row.
-    Batch b+1 is dispatched before batch b is fetched by the caller, so host work (JSON) overlaps
-    device work.
+    Batches come from `process_batches`; batch b+1 is dispatched before batch b is fetched by
+    the caller, so host work (JSON) overlaps device work.
 
     Yields:
       (first global row, number of real rows, device result of the step), in order.
     """
-    n = len(starts)
-    procs, me = jax.process_count(), jax.process_index()
-    local = global_batch // procs
     step = self._step(kind, **static)
     exclude = bool(static.get("exclude_seen", False))
-    for lo in range(0, n, global_batch):
-      s, e = starts[lo:lo + global_batch], ends[lo:lo + global_batch]  # [<=G]
-      real = len(s)
-      if real < global_batch:
-        s = np.concatenate([s, np.full(global_batch - real, s[0], s.dtype)])  # [G]
-        e = np.concatenate([e, np.full(global_batch - real, e[0], e.dtype)])  # [G]
-      mine = slice(me * local, (me + 1) * local)
-      batch = {"inputs": gather_windows(items, e[mine], s[mine], self.max_len)}  # [G/P, L]
-      if exclude:
-        # The same width on every process (one global array), from the global batch's rows.
-        width = shape_bucket(int(np.max(e - s)))
-        batch["history"] = gather_windows(items, e[mine], s[mine], width)  # [G/P, H]
+    for lo, real, windows, history in process_batches(items, starts, ends, global_batch,
+                                                      self.max_len, exclude):
+      batch = {"inputs": windows}  # [G/P, L]
+      if history is not None:
+        batch["history"] = history  # [G/P, H]
       yield lo, real, step(self.params, self.partitioner.shard_inputs(batch))
 
   def _batch_size_for(self, n: int) -> int:
