@@ -15,6 +15,9 @@ else.  This module gives three ways around it, all on the tied item table [V, D]
     the full CE (exactly so as num_negatives grows).  O(B x num_negatives) per step.
   * `sharded_top_k`: full-ranking top-k (evaluation, serving) as per-shard, per-block top-k and a
     merge; equal to `lax.top_k` of the full scores.
+  * `sharded_target_ranks`: the full-ranking rank of each target (the evaluation metrics) as
+    per-shard, per-block counts; the evaluator uses it whenever `config.model.softmax` is not
+    "full".
 
 `synthetic_powerlaw` builds a Zipf-distributed `SequenceDataset` of any size for benchmarks.
 
@@ -538,6 +541,89 @@ def sharded_top_k(hidden: jax.Array, table: jax.Array, k: int, *, n_items: Optio
   fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(b_spec, None), P(v_spec, None)),
                      out_specs=(P(b_spec, None), P(b_spec, None)), check_vma=False)
   return fn(hidden, table)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full-ranking rank of a target (evaluation)
+
+
+def _shard_rank_counts(hidden, table, targets, exclude, target_score, first_id, n_items, chunk):
+  """[B] number of this shard's items (not the target, not excluded) scoring >= the target."""
+  b = hidden.shape[0]
+  n_blocks = -(-table.shape[0] // chunk)
+  rows_b = jnp.arange(b)[:, None]                                                   # [B, 1]
+
+  def count(total, i):
+    logits, _, start = _block_logits(hidden, table, i, first_id, chunk, n_items)   # [B, C]
+    ids = first_id + start + jnp.arange(chunk, dtype=jnp.int32)                     # [C]
+    better = (logits >= target_score[:, None]) & (ids[None, :] != targets[:, None])
+    if exclude is not None:
+      local = exclude - (first_id + start)                                           # [B, H]
+      local = jnp.where((local >= 0) & (local < chunk), local, chunk)  # chunk: dropped below
+      seen = jnp.zeros((b, chunk), bool).at[rows_b, local].set(True, mode="drop")   # [B, C]
+      better = better & ~seen
+    return total + jnp.sum(better, axis=1, dtype=jnp.int32), None
+
+  total, _ = lax.scan(count, jnp.zeros((b,), jnp.int32), jnp.arange(n_blocks, dtype=jnp.int32))
+  return total
+
+
+def sharded_target_ranks(hidden: jax.Array, table: jax.Array, targets: jax.Array, *,
+                         exclude: Optional[jax.Array] = None, n_items: Optional[int] = None,
+                         mesh: MeshArg = None, vocab_axes: AxesArg = "auto",
+                         batch_axes: AxesArg = "auto",
+                         chunk_size: Optional[int] = 65536) -> jax.Array:
+  """0-based pessimistic rank of each target among all items, never holding [B, V] scores.
+
+  The blocked, item-sharded form of `metrics.target_ranks(mask(hidden @ table.T), targets,
+  exclude)`: the target's score comes from the shard owning its row (one psum), then every shard
+  counts, block by block, its items scoring at least as high (the target itself and the `exclude`d
+  items left out) and the counts are summed with a second psum.  Peak memory per device is
+  O(B x chunk_size).  The target's score is one dot product rather than an entry of a matmul, so
+  an item whose score *exactly* equals the target's may round to the other side of it; otherwise
+  the ranks are those of `metrics.target_ranks`.
+
+  Args:
+    hidden: [B, D] user vectors.
+    table: [V, D] item table.
+    targets: [B] target item ids.
+    exclude: optional [B, H] item ids ranked out (history); entries equal to the target are not.
+    n_items: rows 1..n_items are items; None = every row.
+    mesh, vocab_axes, batch_axes, chunk_size: as `sharded_top_k`.
+
+  Returns:
+    [B] int32 ranks.
+  """
+  mesh, vocab_axes, batch_axes, shards = _resolve_axes(mesh, vocab_axes, batch_axes)
+  v = table.shape[0]
+  if v % shards:
+    raise ValueError(f"the item table's {v} rows do not split evenly over {shards} item shards")
+  rows_per_shard = v // shards
+  chunk = _chunk_for(rows_per_shard, chunk_size)
+  targets = targets.astype(jnp.int32)
+  if exclude is not None:
+    exclude = exclude.astype(jnp.int32)
+  if shards == 1:
+    score = _owned_target_logit(hidden, table, targets, jnp.int32(0))
+    return _shard_rank_counts(hidden, table, targets, exclude, score, jnp.int32(0), n_items,
+                              chunk)
+  batch_axes = _batch_shardable(hidden.shape[0], mesh, batch_axes)
+
+  def per_shard(h, tab, t, *ex):  # h [b, D], tab [Vs, D], t [b], ex ([b, H],)
+    first = lax.axis_index(vocab_axes).astype(jnp.int32) * rows_per_shard
+    score = lax.psum(_owned_target_logit(h, tab, t, first), vocab_axes)              # [b]
+    counts = _shard_rank_counts(h, tab, t, ex[0] if ex else None, score, first, n_items, chunk)
+    return lax.psum(counts, vocab_axes)                                              # [b]
+
+  b_spec, v_spec = _spec_axes(batch_axes), _spec_axes(vocab_axes)
+  in_specs = (P(b_spec, None), P(v_spec, None), P(b_spec))
+  args = (hidden, table, targets)
+  if exclude is not None:
+    in_specs += (P(b_spec, None),)
+    args += (exclude,)
+  fn = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=P(b_spec),
+                     check_vma=False)
+  return fn(*args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,7 +176,10 @@ def build_experiment(config: ml_collections.ConfigDict, split=None, workdir: str
     eval_spec["history"] = 2
   eval_step = partitioner.partition_step(
       functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
-                        exclude_seen=bool(config.eval.exclude_seen)),
+                        exclude_seen=bool(config.eval.exclude_seen),
+                        blocked_chunk=(task.softmax.chunk_size
+                                       if getattr(task, "softmax", None) is not None
+                                       and task.softmax.kind != "full" else None)),
       in_shardings=(task.backbone_params(state_shardings.params),
                     {k: partitioner.batch_sharding(n) for k, n in eval_spec.items()}),
       out_shardings=partitioner.replicated)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from seqrec_jax import large_catalog
 from seqrec_jax import metrics as metrics_lib
 from seqrec_jax import tasks
 
@@ -69,10 +70,25 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], consts: Dict[str,
 
 
 def eval_step(backbone_params: Any, batch: Dict[str, jax.Array], *, model: nn.Module,
-              ks: Sequence[int] = metrics_lib.DEFAULT_KS, exclude_seen: bool = False):
-  """Full-ranking metric sums for one batch (the target is ranked among all items)."""
-  scores = model.apply({"params": backbone_params}, batch["inputs"], False,
-                       method=tasks._logits_at_last)  # pylint: disable=protected-access
-  ranks = metrics_lib.target_ranks(scores, batch["targets"],
-                                   batch["history"] if exclude_seen else None)
+              ks: Sequence[int] = metrics_lib.DEFAULT_KS, exclude_seen: bool = False,
+              blocked_chunk: Optional[int] = None):
+  """Full-ranking metric sums for one batch (the target is ranked among all items).
+
+  With `blocked_chunk` (large catalogues: `config.model.softmax` other than "full") the ranks are
+  counted over item blocks of that many rows, sharded over the item axis
+  (`large_catalog.sharded_target_ranks`), never holding the [B, V] scores; otherwise the scores
+  are materialised and ranked at once.
+  """
+  exclude = batch["history"] if exclude_seen else None
+  # pylint: disable=protected-access
+  if blocked_chunk is not None:
+    hidden, table = model.apply({"params": backbone_params}, batch["inputs"], False,
+                                method=tasks._vector_and_table)  # [B, D], [V, D]
+    ranks = large_catalog.sharded_target_ranks(hidden, table, batch["targets"], exclude=exclude,
+                                               n_items=model.config.n_items,
+                                               chunk_size=blocked_chunk)
+  else:
+    scores = model.apply({"params": backbone_params}, batch["inputs"], False,
+                         method=tasks._logits_at_last)  # [B, V]
+    ranks = metrics_lib.target_ranks(scores, batch["targets"], exclude)
   return metrics_lib.ranking_sums(ranks, batch["weights"], ks)

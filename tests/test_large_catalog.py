@@ -19,6 +19,7 @@ import pytest
 from seqrec_jax import data as data_lib
 from seqrec_jax import large_catalog as lc
 from seqrec_jax import loop, models, sharding, tasks
+from seqrec_jax import metrics as metrics_lib
 from seqrec_jax.config_check import validate_config
 from seqrec_jax.default_config import base_config
 from seqrec_jax.models import layers
@@ -144,6 +145,45 @@ def test_sharded_top_k_equals_lax_top_k(mesh_shape):
   assert int(ids.max()) <= N_ITEMS and int(ids.min()) >= 1
   with pytest.raises(ValueError, match="exceeds"):
     lc.sharded_top_k(hidden, table, V + 1, n_items=N_ITEMS, mesh=mesh)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "tensor": 4}, {"data": 1, "tensor": 8},
+                                        {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_sharded_target_ranks_equal_dense_ranks(mesh_shape):
+  hidden, table, targets = _problem(seed=6)
+  # Histories with padding 0, repeats, the target itself and filler-free ids.
+  history = jax.random.randint(jax.random.key(7), (B, 12), 0, N_ITEMS + 1)
+  history = history.at[:, 0].set(targets).at[:, 1].set(history[:, 2])
+  scores = layers.mask_non_items(hidden @ table.T, N_ITEMS)  # [B, V]
+  mesh = sharding.Partitioner(sharding.make_mesh(mesh_shape)) if mesh_shape else None
+  for exclude in (None, history):
+    want = metrics_lib.target_ranks(scores, targets, exclude)
+    for chunk in (None, 3, 7, 8):
+      got = jax.jit(functools.partial(lc.sharded_target_ranks, n_items=N_ITEMS, mesh=mesh,
+                                      chunk_size=chunk))(hidden, table, targets, exclude=exclude)
+      np.testing.assert_array_equal(got, want)
+  # Excluding the history can only improve a target's rank, and it does for some row here.
+  dense = metrics_lib.target_ranks(scores, targets)
+  assert np.all(np.asarray(want) <= np.asarray(dense)) and np.any(np.asarray(want) < np.asarray(dense))
+  # An independent numpy count of the plain rank.
+  s = np.asarray(scores, np.float64)
+  t = np.asarray(targets)
+  ref = (s >= s[np.arange(B), t][:, None]).sum(1) - 1
+  np.testing.assert_array_equal(np.asarray(dense), ref)
+
+
+def test_sharded_target_ranks_never_hold_batch_by_catalogue_scores():
+  b, d, v, chunk = 32, 4, 2048, 64
+  hidden, table, targets = _problem(seed=8, b=b, d=d, v=v, n_items=v - 1)
+  history = jnp.zeros((b, 16), jnp.int32)
+  jaxpr = jax.make_jaxpr(functools.partial(lc.sharded_target_ranks, n_items=v - 1,
+                                           chunk_size=chunk))(hidden, table, targets,
+                                                              exclude=history)
+  # One block of scores is the largest value; [B, V] would be 65536.
+  assert _largest_intermediate(jaxpr.jaxpr) == b * chunk
+  dense = jax.make_jaxpr(lambda h, t: metrics_lib.target_ranks(
+      layers.mask_non_items(h @ t.T, v - 1), targets, history))(hidden, table)
+  assert _largest_intermediate(dense.jaxpr) >= b * v  # the check does see [B, V] when it is there
 
 
 def test_item_proposal_and_sampler():
@@ -279,6 +319,22 @@ def test_sharded_train_steps_equal_full_softmax_steps(synthetic_split):
   for a, b in zip(jax.tree.leaves(jax.device_get(states["full"].params)),
                   jax.tree.leaves(jax.device_get(states["sharded"].params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_blocked_evaluation_equals_dense_evaluation(synthetic_split, exclude_seen):
+  """softmax != "full" switches the evaluator to blocked, item-sharded ranks: same metrics."""
+  results = {}
+  for kind in ("full", "sharded"):
+    c = _synthetic_config(kind)
+    c.model.softmax_chunk = 96  # several blocks per item shard
+    c.eval.exclude_seen = exclude_seen
+    e = loop.build_experiment(c, split=synthetic_split)
+    results[kind] = e.evaluate(e.state.params, "valid")
+  assert set(results["full"]) == set(results["sharded"])
+  for key, want in results["full"].items():
+    assert results["sharded"][key] == pytest.approx(want, abs=1e-6), key
+  assert results["full"]["HR@20"] > 0  # the comparison is not between two empty results
 
 
 def test_sampled_task_holds_the_proposal(synthetic_split):
