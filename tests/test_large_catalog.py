@@ -415,3 +415,7 @@ def test_benchmark_script_runs_at_a_tiny_size(tmp_path):
     assert run["step_seconds_median"] > 0 and run["train_examples_per_second"] > 0
     assert run["peak_rss_mib"] > 0 and run["train_compile_seconds"] > 0
   assert report["top_k"]["eval_users_per_second"] > 0
+  ranks = report["ranks"]
+  assert ranks["eval_users"] == 64 and ranks["eval_users_per_second"] > 0
+  # An untrained model over 3,000 items: HR@20 near 20/3000, certainly below 0.5.
+  assert 0.0 <= ranks["untrained_metrics"]["HR@20"] < 0.5
