@@ -70,6 +70,7 @@ from calrec_jax.models import decoder as decoder_lib
 from calrec_jax.text import examples as examples_lib
 from calrec_jax.text import tokenizer as tokenizer_lib
 from seqrec_jax import checkpointing
+from seqrec_jax import large_catalog
 from seqrec_jax import loop
 from seqrec_jax import recommend as seqrec_recommend
 from seqrec_jax import sharding
@@ -145,7 +146,7 @@ def embedding_topk_step(params: Any, batch: Dict[str, jax.Array], item_vectors: 
   if exclude_seen:
     rows = jnp.arange(scores.shape[0])[:, None]  # [B, 1]
     scores = scores.at[rows, batch["history"]].set(-jnp.inf)
-  top_scores, top_ids = jax.lax.top_k(scores, k)  # [B, K]
+  top_scores, top_ids = large_catalog.grouped_top_k(scores, k)  # [B, K], == lax.top_k
   return top_ids.astype(jnp.int32), top_scores
 
 

@@ -463,6 +463,52 @@ def sampled_softmax_loss(hidden: jax.Array, table: jax.Array, targets: jax.Array
 # Full-ranking top-k
 
 
+def grouped_top_k(scores: jax.Array, k: int, group: Optional[int] = None
+                  ) -> Tuple[jax.Array, jax.Array]:
+  """`lax.top_k(scores, k)` over the last axis, exactly (ties included), in two cheaper passes.
+
+  The items are cut into consecutive groups of `group`; the k groups with the highest maxima
+  (lower group first on ties) hold every item of the exact top k, since an item outside them has
+  k items, one in each of those groups, that beat it or tie it with a lower id.  Their k x group
+  candidates, kept in id order, go through one small `lax.top_k`.  One pass reads the scores
+  (the group maxima fuse into it) instead of a top-k over the whole row, which is the slow part
+  of `lax.top_k` on CPU at millions of items.  Items past the last whole group are always
+  candidates.
+
+  Args:
+    scores: [..., V] scores (-inf allowed).
+    k: list length (<= V).
+    group: items per group; None = 64 when the row is long enough to gain (V >= 16 x 64 x k),
+      else plain `lax.top_k`.
+
+  Returns:
+    (values [..., k], indices [..., k] int32), as `lax.top_k`.
+  """
+  v = scores.shape[-1]
+  if group is None:
+    group = 64 if v >= 16 * 64 * k else 0
+  n_groups = v // group if group else 0
+  if n_groups <= k:
+    vals, idx = lax.top_k(scores, k)
+    return vals, idx.astype(jnp.int32)
+  lead = scores.shape[:-1]
+  main = n_groups * group
+  grouped = scores[..., :main].reshape(*lead, n_groups, group)                     # [..., G, g]
+  _, best = lax.top_k(jnp.max(grouped, axis=-1), k)                                # [..., k]
+  best = jnp.sort(best, axis=-1)                                   # id order: lax's tie rule
+  cand = jnp.take_along_axis(grouped, best[..., None], axis=-2)                    # [..., k, g]
+  cand_ids = best[..., None] * group + jnp.arange(group)                           # [..., k, g]
+  cand = cand.reshape(*lead, k * group)
+  cand_ids = cand_ids.reshape(*lead, k * group)
+  if main < v:  # the tail, ids above every group's: appended last, order kept
+    cand = jnp.concatenate([cand, scores[..., main:]], axis=-1)
+    tail_ids = jnp.broadcast_to(jnp.arange(main, v), (*lead, v - main))
+    cand_ids = jnp.concatenate([cand_ids, tail_ids], axis=-1)
+  vals, pos = lax.top_k(cand, k)
+  return vals, jnp.take_along_axis(cand_ids, pos, axis=-1).astype(jnp.int32)
+
+
+
 def _shard_top_k(hidden, table, first_id, n_items, chunk, k):
   """Top-k of one table shard's masked scores, block by block: ([B, k] values, [B, k] global ids).
 
@@ -473,7 +519,7 @@ def _shard_top_k(hidden, table, first_id, n_items, chunk, k):
 
   def best(i):
     logits, _, start = _block_logits(hidden, table, i, first_id, chunk, n_items)   # [B, C]
-    vals, idx = lax.top_k(logits, k)                                               # [B, k]
+    vals, idx = grouped_top_k(logits, k)                                           # [B, k]
     return vals, (first_id + start + idx).astype(jnp.int32)
 
   def merge(carry, i):

@@ -9,7 +9,8 @@
 What a user's recommendation is.  The encoder reads the user's *whole* sequence (training part,
 validation and test items: everything the dataset holds), the last `max_len` items of it, so the
 prediction is the item after the last one.  Every item of the catalogue is scored inside jit
-(`model.score`), then `jax.lax.top_k` picks the K best.  Padding id 0 and the table's filler rows
+(`model.score`), then the K best are picked: `large_catalog.grouped_top_k`, which equals
+`jax.lax.top_k` (ties included) and is faster at large catalogues.  Padding id 0 and the table's filler rows
 score -inf and are never returned.  With `exclude_seen`, every item of the whole history (not
 only the max_len window) is set to -inf first.  Rows whose candidates run out (a history covering
 the catalogue) are shorter than K: -inf entries are dropped.
@@ -66,6 +67,7 @@ from absl import logging
 
 from seqrec_jax import checkpointing
 from seqrec_jax import fileio
+from seqrec_jax import large_catalog
 from seqrec_jax import loop
 from seqrec_jax import models
 from seqrec_jax import sharding
@@ -224,8 +226,8 @@ def topk_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module, k: 
   if exclude_seen:
     rows = jnp.arange(scores.shape[0])[:, None]  # [B, 1]
     scores = scores.at[rows, batch["history"]].set(-jnp.inf)  # [B, V]
-  top_scores, top_ids = jax.lax.top_k(scores, k)  # [B, K], [B, K]
-  return top_ids.astype(jnp.int32), top_scores
+  top_scores, top_ids = large_catalog.grouped_top_k(scores, k)  # [B, K], [B, K]
+  return top_ids, top_scores
 
 
 def vectors_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> jax.Array:

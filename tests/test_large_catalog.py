@@ -186,6 +186,25 @@ def test_sharded_target_ranks_never_hold_batch_by_catalogue_scores():
   assert _largest_intermediate(dense.jaxpr) >= b * v  # the check does see [B, V] when it is there
 
 
+@pytest.mark.parametrize("v,group", [(5000, 8), (5003, 8), (640, 64), (999, None)])
+def test_grouped_top_k_equals_lax_top_k_with_ties(v, group):
+  k = 10
+  rng = np.random.default_rng(v)
+  # Few distinct values: many exact ties, across groups and with the tail; some -inf rows.
+  scores = rng.integers(0, 40, size=(6, v)).astype(np.float32)
+  scores[1, :] = -np.inf
+  scores[1, [3, 4000 % v, v - 1]] = 1.0  # fewer finite items than k
+  scores[2, rng.choice(v, v - 5, replace=False)] = -np.inf
+  scores = jnp.asarray(scores)
+  want_vals, want_ids = jax.lax.top_k(scores, k)
+  vals, ids = jax.jit(functools.partial(lc.grouped_top_k, k=k, group=group))(scores)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(vals, want_vals)
+  # Continuous scores, and a batch of rows with a leading axis of 2.
+  scores = jax.random.normal(jax.random.key(v), (2, 3, v))
+  np.testing.assert_array_equal(lc.grouped_top_k(scores, k, group)[1], jax.lax.top_k(scores, k)[1])
+
+
 def test_item_proposal_and_sampler():
   counts = np.array([0, 50, 0, 10, 5, 1])  # row 0 is padding; item 2 never seen
   cdf, log_q = lc.item_proposal(counts, power=1.0, n_rows=8)
