@@ -90,6 +90,17 @@ def _time_train_steps(exp):
   return state, train_compile_s, xla_flops, step_times
 
 
+def _step_stats(build_s: float, compile_s: float, step_times) -> dict:
+  """The timing fields both train benchmarks report."""
+  return {
+      "build_seconds": build_s,
+      "train_compile_seconds": compile_s,
+      "step_seconds_median": float(np.median(step_times)),
+      "step_seconds_p10_p90": [float(np.percentile(step_times, 10)),
+                               float(np.percentile(step_times, 90))],
+  }
+
+
 def benchmark_ours(config) -> dict:
   """Times our train step and full-ranking evaluation on config's data and model."""
   t0 = time.perf_counter()
@@ -98,6 +109,7 @@ def benchmark_ours(config) -> dict:
   part = exp.partitioner
   state, train_compile_s, xla_flops, step_times = _time_train_steps(exp)
   step_s = float(np.median(step_times))
+  steps = _step_stats(build_s, train_compile_s, step_times)
 
   t = time.perf_counter()
   exp.evaluate(state.params, "test")  # includes the eval step's compilation
@@ -115,12 +127,8 @@ def benchmark_ours(config) -> dict:
       "steps_per_epoch": exp.steps_per_epoch,
       "devices": part.mesh.size,
       "mesh": dict(part.mesh.shape),
-      "build_seconds": build_s,
-      "train_compile_seconds": train_compile_s,
+      **steps,
       "eval_first_pass_seconds_incl_compile": first_eval_s,
-      "step_seconds_median": step_s,
-      "step_seconds_p10_p90": [float(np.percentile(step_times, 10)),
-                               float(np.percentile(step_times, 90))],
       "train_sequences_per_second": batch_size / step_s,
       "seconds_per_epoch": exp.steps_per_epoch * step_s,
       "eval_users": n_eval,
@@ -143,6 +151,7 @@ def benchmark_calrec(config) -> dict:
   c = config.calrec
   state, train_compile_s, xla_flops, step_times = _time_train_steps(exp)
   step_s = float(np.median(step_times))
+  steps = _step_stats(build_s, train_compile_s, step_times)
   dcfg = exp.model.config
   b = config.train.batch_size
   joint_tokens = b * c.max_tokens
@@ -175,11 +184,7 @@ def benchmark_calrec(config) -> dict:
       "n_params": exp.n_params,
       "batch_size": b, "max_tokens": c.max_tokens, "max_item_tokens": c.max_item_tokens,
       "devices": exp.partitioner.mesh.size,
-      "build_seconds": build_s,
-      "train_compile_seconds": train_compile_s,
-      "step_seconds_median": step_s,
-      "step_seconds_p10_p90": [float(np.percentile(step_times, 10)),
-                               float(np.percentile(step_times, 90))],
+      **steps,
       "train_tokens_per_second": (joint_tokens + item_tokens) / step_s,
       "model_flops_per_train_step": flops_step,
       "xla_flops_per_train_step": xla_flops,
