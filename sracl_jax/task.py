@@ -19,6 +19,7 @@ jax.random) and the losses.  The item-neighbour table is a device constant.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict
 
@@ -145,6 +146,21 @@ class SRACLTask:
 
   def backbone_params(self, params: Any) -> Any:
     return params["backbone"]
+
+  def encoder_passes(self) -> int:
+    """Backbone passes per training example besides L_rec's: the prefix again and its k
+    neighbours (L_CS), two views (L_IS)."""
+    return (1 + self.cfg.k if self.cfg.alpha else 0) + (2 if self.cfg.beta else 0)
+
+  def train_flops_per_example(self) -> float:
+    """Model FLOPs (forward + backward) of one training example: L_rec's pass with its output
+    layer, plus `encoder_passes()` backbone passes without one (the synthesizer and NT-Xent
+    are O(B k D) and left out)."""
+    cfg = self.model.config
+    rec = cfg.train_flops_per_sequence(self.loss_positions)
+    # The same backbone over a one-item table: the encoder's FLOPs, its output layer ~0.
+    encoder = dataclasses.replace(cfg, n_items=1).train_flops_per_sequence("last")
+    return float(rec + self.encoder_passes() * encoder)
 
   def loss(self, params, batch, consts, rng):
     """(weighted total loss sum, weight sum, component metrics); see the module docstring."""

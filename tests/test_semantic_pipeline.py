@@ -257,6 +257,37 @@ def test_user_mode_rule(tmp_path, monkeypatch):
   assert tables.stats["prefix_neighbours_same_user_fraction"] == 0.0
 
 
+def test_items_mode_prefix_vectors_are_mean_item_vectors(tmp_path, monkeypatch):
+  """user_mode="items": no user text; each prefix is its last items' mean embedding (numpy loop)."""
+  split = _pairs_split(tmp_path)  # no item text: precomputed item vectors only
+  ds = split.dataset
+  monkeypatch.setattr(pipeline, "_encoder", lambda *a: (_ for _ in ()).throw(AssertionError))
+  rng = np.random.default_rng(3)
+  items = rng.normal(size=(ds.n_items + 1, 12)).astype(np.float32)
+  np.save(tmp_path / "items.npy", items)
+  cfg = _cfg(k=3, user_mode="items", max_history_items=4,
+             item_embeddings_npy=str(tmp_path / "items.npy"))
+  tables = pipeline.build_semantic_tables(split, cfg, str(tmp_path / "out"), progress=False)
+  _check_common(tables, split)
+  want = []
+  for u, t in zip(split.train_users, split.train_targets):
+    window = ds.items[max(ds.offsets[u], t - 4):t]  # the input prefix's last 4 items
+    v = items[window].astype(np.float64).mean(0)
+    want.append(v / np.linalg.norm(v))
+  want = np.asarray(want, np.float32)
+  np.testing.assert_allclose(tables.prefix_embeddings, want, rtol=1e-5, atol=1e-6)
+  # Identical prefixes (several users share windows here) tie exactly: compare similarities.
+  sim = want.astype(np.float64) @ want.T.astype(np.float64)
+  np.fill_diagonal(sim, -np.inf)
+  got_sim = np.take_along_axis(sim, tables.prefix_neighbours.astype(np.int64), axis=1)
+  np.testing.assert_allclose(got_sim, -np.sort(-sim, axis=1)[:, :3], atol=1e-5)
+  assert tables.stats["prefix_text_source"].startswith("mean of the last 4")
+  # A user's text is never built in this mode: precomputed prefix vectors are refused.
+  cfg.prefix_embeddings_npy = str(tmp_path / "items.npy")
+  with pytest.raises(ValueError, match="user_mode='items'"):
+    pipeline.build_semantic_tables(split, cfg, str(tmp_path / "out2"), progress=False)
+
+
 def test_user_and_prefix_texts_match_the_template(tmp_path):
   ds = _dataset(n_users=6)
   text = dict(ds.item_text)

@@ -23,6 +23,9 @@ whole training part, ``items[offsets[u]:train_end[u]]``), gives every prefix of 
 user's vector, retrieves the k nearest OTHER users (among users with training examples), and maps
 each neighbour user to its LAST training example (the longest prefix, closest to the text the
 user vector was made from).  Same-user neighbours are then impossible by construction.
+``user_mode="items"`` (the cheap one) encodes no user text at all: a prefix's vector is the
+L2-normalised mean of the item embeddings of its most recent `max_history_items` items, from
+prefix sums (seconds for any number of prefixes); retrieval is over prefixes as in "prefix".
 
 Precomputed embeddings (`item_embeddings_npy`, `prefix_embeddings_npy`) replace the encoder for
 their half; with both, no text is read at all (datasets without item text work).
@@ -56,7 +59,7 @@ from sracl_jax.semantic import retrieval
 
 # Bump when the construction of any table changes, so that old outputs are recomputed.
 PIPELINE_VERSION = 1
-USER_MODES = ("prefix", "user")
+USER_MODES = ("prefix", "user", "items")
 TABLE_NAMES = ("item_embeddings", "item_neighbours", "prefix_embeddings", "prefix_neighbours")
 SAMPLE_TEXTS = 1000  # texts written to texts_*.jsonl for inspection
 _TITLE_FIELDS = ("title", "movie_title")
@@ -88,7 +91,8 @@ def default_semantic_config() -> ml_collections.ConfigDict:
   #                               example in split.train_targets order (user_mode=prefix) or per
   #                               dataset user (user_mode=user)
   c.user_mode = "prefix"  # prefix: one text per training prefix (reference) | user: one text per
-  #                         user's whole training part, shared by all its prefixes
+  #                         user's whole training part, shared by all its prefixes | items: no
+  #                         user text, a prefix's vector is the mean of its items' embeddings
   c.max_history_items = 20  # most recent titles in a prefix / user text (the paper's window); <=0
   #                           keeps all
   c.llm_enabled = False  # True: embed LLM summaries (paper); False: offline template texts
@@ -368,6 +372,31 @@ def history_titles(ds: Any, starts: np.ndarray, ends: np.ndarray,
   return [item_titles[a:b].tolist() for a, b in zip(lo.tolist(), hi.tolist())]
 
 
+def mean_item_vectors(item_embeddings: np.ndarray, items: np.ndarray, starts: np.ndarray,
+                      ends: np.ndarray, max_items: int) -> np.ndarray:
+  """L2-normalised mean item embedding of each window ``items[max(start, end - max_items):end]``.
+
+  Args:
+    item_embeddings: [n_items + 1, S] (row 0, padding, unused).
+    items: [n_interactions] dense item ids, users' sequences back to back.
+    starts, ends: [R] window bounds into `items` (a window must not be empty).
+    max_items: most recent items per window; <= 0 keeps them all.
+
+  Returns:
+    [R, S] float32, from prefix sums in float64: O(n_interactions x S) memory, no per-row loop.
+  """
+  starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+  if np.any(ends <= starts):
+    raise ValueError(f"{int(np.sum(ends <= starts))} empty windows: every prefix needs an item")
+  lo = np.maximum(starts, ends - max_items) if max_items > 0 else starts
+  dim = item_embeddings.shape[1]
+  csum = np.zeros((len(items) + 1, dim), np.float64)
+  np.cumsum(item_embeddings[items], axis=0, dtype=np.float64, out=csum[1:])
+  mean = (csum[ends] - csum[lo]) / (ends - lo)[:, None]       # [R, S]
+  norm = np.linalg.norm(mean, axis=1, keepdims=True)
+  return (mean / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
 def _user_windows(split: Any, user_mode: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(starts, ends, rows) of the texts of `user_mode`.
 
@@ -376,7 +405,7 @@ def _user_windows(split: Any, user_mode: str) -> Tuple[np.ndarray, np.ndarray, n
   users (sorted).
   """
   offsets = split.dataset.offsets
-  if user_mode == "prefix":
+  if user_mode in ("prefix", "items"):
     return (offsets[split.train_users].astype(np.int64), split.train_targets.astype(np.int64),
             np.arange(split.n_train))
   users = np.unique(split.train_users)                         # [n_u] sorted
@@ -552,11 +581,20 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   if mode == "user" and k >= n_rows:
     raise ValueError(f"semantic.k={k} needs more than k users with training examples, "
                      f"{ds.name} has {n_rows}")
-  if mode == "prefix" and k >= n_rows:
+  if mode != "user" and k >= n_rows:
     raise ValueError(f"semantic.k={k} needs more than k training prefixes, {ds.name} has "
                      f"{n_rows}")
   t0 = time.perf_counter()
-  if opts["prefix_embeddings_npy"]:
+  if mode == "items":
+    if opts["prefix_embeddings_npy"]:
+      raise ValueError("semantic.prefix_embeddings_npy is not used with user_mode='items' (the "
+                       "prefix vectors come from the item embeddings); use user_mode='prefix'")
+    vecs = mean_item_vectors(item_embeddings, ds.items, starts, ends,
+                             int(opts["max_history_items"]))  # [n_train, S]
+    stats["prefix_text_source"] = (f"mean of the last {int(opts['max_history_items'])} item "
+                                   "embeddings")
+    stats["items_prefix_seconds"] = time.perf_counter() - t0
+  elif opts["prefix_embeddings_npy"]:
     n_expected = split.n_train if mode == "prefix" else ds.n_users
     vecs = _precomputed(opts["prefix_embeddings_npy"], (n_expected,), mode)
     if mode == "user":
@@ -591,7 +629,7 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   item_neighbours = np.zeros((ds.n_items + 1, k), np.int32)
   item_neighbours[1:] = idx + 1                                # [n_items + 1, k] dense ids
   idx, _, prefix_nn_stats = retrieval.cached_neighbours(cache_dir, vecs, vecs, k, **nn_kw)
-  if mode == "prefix":
+  if mode in ("prefix", "items"):
     prefix_embeddings = np.ascontiguousarray(vecs, np.float32)  # [n_train, S]
     prefix_neighbours = idx.astype(np.int32)                   # [n_train, k]
   else:
@@ -608,7 +646,7 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   stats["item_embedding_dim"] = int(item_embeddings.shape[1])
   stats["prefix_embedding_dim"] = int(prefix_embeddings.shape[1])
   stats["total_seconds"] = time.perf_counter() - t_start
-  for what, s in (("item", item_nn_stats), ("prefix" if mode == "prefix" else "user",
+  for what, s in (("item", item_nn_stats), ("user" if mode == "user" else "prefix",
                                             prefix_nn_stats)):
     logging.info("%s neighbours: %s over %d rows, recall@%d %s, cache %s", what, s.get("method"),
                  s.get("num_database"), k, s.get("recall_at_k"), s.get("cache"))
