@@ -43,6 +43,13 @@ _PEER_PYTHON = flags.DEFINE_string("peer_python", None,
 _PEER_DATASET = flags.DEFINE_enum("peer_dataset", None, ["ml-100k", "beauty"],
                                   "Dataset name for the peer runner.")
 _PEER_EPOCHS = flags.DEFINE_integer("peer_epochs", 2, "Timed peer training epochs.")
+_SRACL_PEER_PYTHON = flags.DEFINE_string(
+    "sracl_peer_python", None,
+    "Python of the peer venv; if set (SRA-CL configs), time the reference SRA-CL code too "
+    "(benchmarks/peers/sracl_reference.py, Beauty, its train.sh settings).")
+_SRACL_PEER_BATCHES = flags.DEFINE_integer("sracl_peer_batches", 20,
+                                           "Timed batches of the reference SRA-CL.")
+_PEER_THREADS = flags.DEFINE_integer("peer_threads", 2, "Threads of the SRA-CL reference.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -215,6 +222,18 @@ def benchmark_peer(python: str, dataset: str, epochs: int, out_dir: str) -> dict
     return json.load(f)
 
 
+def benchmark_sracl_reference(python: str, batches: int, threads: int, out_dir: str) -> dict:
+  """Runs the reference SRA-CL timing harness in the peer venv; returns its JSON report."""
+  out = os.path.join(out_dir, "peer_sracl_reference_timing.json")
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "peers", "sracl_reference.py")
+  cmd = [python, script, "--threads", str(threads), "--batches", str(batches), "--out", out]
+  logging.info("reference SRA-CL: %s", " ".join(cmd))
+  subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+  with open(out) as f:
+    return json.load(f)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -239,6 +258,19 @@ def main(argv):
                                     peer["train_sequences_per_s"],
         "eval_throughput_vs_peer": ours["eval_users_per_second"] / peer["eval_users_per_s"],
     }
+  if _SRACL_PEER_PYTHON.value:
+    if config.task.name != "sracl":
+      raise app.UsageError(f"--sracl_peer_python needs an SRA-CL config, got task "
+                           f"{config.task.name!r}")
+    ref = benchmark_sracl_reference(_SRACL_PEER_PYTHON.value, _SRACL_PEER_BATCHES.value,
+                                    _PEER_THREADS.value,
+                                    os.path.dirname(os.path.abspath(_OUT.value or "bench.json")))
+    report["sracl_reference"] = {k: ref.get(k) for k in (
+        "reference_commit", "threads", "torch", "batch_size", "timed_batches",
+        "seconds_per_batch_median", "train_samples_per_s", "train_samples_per_epoch",
+        "implied_seconds_per_epoch", "encoder_sequences_per_sample")}
+    report.setdefault("ratios", {})["train_throughput_vs_sracl_reference"] = (
+        ours["train_sequences_per_second"] / ref["train_samples_per_s"])
   text = json.dumps(report, indent=2)
   print(text)
   if _OUT.value:
