@@ -12,4 +12,7 @@ for SEED in 2024 2025 2026; do
   if [ -f "$WD/results.json" ]; then echo "skip $WD (results.json exists)"; continue; fi
   python launch/train.py --config "$CONFIG" --workdir "$WD" --config.seed=$SEED \
     --config.train.progress=false "$@"
+  # A run stopped by SIGTERM/SIGINT checkpoints and exits 0 without results.json: stop here too,
+  # rather than starting the next seed.
+  if [ ! -f "$WD/results.json" ]; then echo "stopped before $WD finished; relaunch to resume"; exit 0; fi
 done
