@@ -65,6 +65,10 @@ _PEER_USERS = flags.DEFINE_integer("peer_users", 500, "Users the peer times on t
 _PEER_SYNTH_USERS = flags.DEFINE_integer("peer_synthetic_users", 50,
                                          "Users the peer times on the synthetic catalogue.")
 
+_PROFILE_BATCH = flags.DEFINE_integer(
+    "profile_batch", 256, "Users per batch of the top-K profile over the synthetic catalogue "
+    "(scores alone, + lax.top_k, + grouped_top_k); 0 = skip it.")
+
 _PEER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "benchmarks", "peers", "recbole_full_sort.py")
 
@@ -189,6 +193,31 @@ def _add_peer(results, peer):
           f"x{row['ratio_vs_recbole']:.1f} (x{row['ratio_jsonl_vs_recbole']:.1f} with JSONL)")
 
 
+def _profile_topk(n_items: int, dim: int, batch: int, k: int, repeats: int = 5) -> dict:
+  """Median ms of the batched step's pieces on random vectors: where the time goes at n_items."""
+  from seqrec_jax import large_catalog  # pylint: disable=g-import-not-at-top
+  h = jax.random.normal(jax.random.key(0), (batch, dim))
+  table = jax.random.normal(jax.random.key(1), (n_items, dim))
+  pieces = {
+      "scores": jax.jit(lambda h, t: h @ t.T),
+      "scores+lax.top_k": jax.jit(lambda h, t: jax.lax.top_k(h @ t.T, k)),
+      "scores+grouped_top_k": jax.jit(lambda h, t: large_catalog.grouped_top_k(h @ t.T, k)),
+  }
+  out = {"n_items": n_items, "dim": dim, "batch": batch, "k": k, "ms_median": {},
+         "users_per_second": {}}
+  for name, fn in pieces.items():
+    jax.block_until_ready(fn(h, table))
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(h, table))
+      times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    out["ms_median"][name] = 1e3 * med
+    out["users_per_second"][name] = batch / med
+  return out
+
+
 def main(argv):
   del argv
   k = _TOP_K.value
@@ -216,6 +245,9 @@ def main(argv):
   naive = _naive(rec, naive_users, k)
   results["runs"].append(_report("synthetic", synth.n_items, rec.dim, len(users), topk, written,
                                  naive, len(naive_users), size))
+  if _PROFILE_BATCH.value > 0:
+    results["profile"] = _profile_topk(synth.n_items + 1, rec.dim, _PROFILE_BATCH.value, k)
+    logging.info("top-K profile: %s", json.dumps(results["profile"]))
   if _PEER_PYTHON.value:
     _add_peer(results, _peer(config, synth.n_items, k))
   if _OUT.value:
