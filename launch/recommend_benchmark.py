@@ -193,24 +193,39 @@ def _add_peer(results, peer):
           f"x{row['ratio_vs_recbole']:.1f} (x{row['ratio_jsonl_vs_recbole']:.1f} with JSONL)")
 
 
-def _profile_topk(n_items: int, dim: int, batch: int, k: int, repeats: int = 5) -> dict:
-  """Median ms of the batched step's pieces on random vectors: where the time goes at n_items."""
+def _profile_topk(rec, n_items: int, dim: int, batch: int, k: int, repeats: int = 5) -> dict:
+  """Median ms of the batched step's pieces: where the time goes at n_items.
+
+  On random vectors (h [batch, dim], a [n_items, dim] table): the scores alone, with `lax.top_k`,
+  with `grouped_top_k`; and on the recommender `rec`'s own model and parameters over a random
+  batch of windows: `model.score` alone and the whole `recommend.topk_step`.
+  """
   from seqrec_jax import large_catalog  # pylint: disable=g-import-not-at-top
   h = jax.random.normal(jax.random.key(0), (batch, dim))
   table = jax.random.normal(jax.random.key(1), (n_items, dim))
+  model, params = rec.model, jax.device_get(rec.params)
+  windows = jax.numpy.asarray(np.random.default_rng(0).integers(
+      1, model.config.n_items + 1, (batch, rec.max_len)), jax.numpy.int32)
   pieces = {
-      "scores": jax.jit(lambda h, t: h @ t.T),
-      "scores+lax.top_k": jax.jit(lambda h, t: jax.lax.top_k(h @ t.T, k)),
-      "scores+grouped_top_k": jax.jit(lambda h, t: large_catalog.grouped_top_k(h @ t.T, k)),
+      "scores": (jax.jit(lambda h, t: h @ t.T), (h, table)),
+      "scores+lax.top_k": (jax.jit(lambda h, t: jax.lax.top_k(h @ t.T, k)), (h, table)),
+      "scores+grouped_top_k": (jax.jit(lambda h, t: large_catalog.grouped_top_k(h @ t.T, k)),
+                               (h, table)),
+      "model.score": (jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                       method=recommend._scores)),  # pylint: disable=protected-access
+                      (params, windows)),
+      "topk_step": (jax.jit(lambda p, x: recommend.topk_step(p, {"inputs": x}, model=model, k=k,
+                                                             exclude_seen=False)),
+                    (params, windows)),
   }
   out = {"n_items": n_items, "dim": dim, "batch": batch, "k": k, "ms_median": {},
          "users_per_second": {}}
-  for name, fn in pieces.items():
-    jax.block_until_ready(fn(h, table))
+  for name, (fn, args) in pieces.items():
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
       t = time.perf_counter()
-      jax.block_until_ready(fn(h, table))
+      jax.block_until_ready(fn(*args))
       times.append(time.perf_counter() - t)
     med = float(np.median(times))
     out["ms_median"][name] = 1e3 * med
@@ -246,7 +261,9 @@ def main(argv):
   results["runs"].append(_report("synthetic", synth.n_items, rec.dim, len(users), topk, written,
                                  naive, len(naive_users), size))
   if _PROFILE_BATCH.value > 0:
-    results["profile"] = _profile_topk(synth.n_items + 1, rec.dim, _PROFILE_BATCH.value, k)
+    # The models' table layout: n_items + 1 rows rounded up to a multiple of 64.
+    rows = -(-(synth.n_items + 1) // 64) * 64
+    results["profile"] = _profile_topk(rec, rows, rec.dim, _PROFILE_BATCH.value, k)
     logging.info("top-K profile: %s", json.dumps(results["profile"]))
   if _PEER_PYTHON.value:
     _add_peer(results, _peer(config, synth.n_items, k))
