@@ -178,6 +178,20 @@ def run_train(softmax: str) -> dict:
   }
 
 
+def _timed_passes(one_pass):
+  """(first pass's result, its seconds incl. compilation, median seconds of --eval_repeats more
+  passes; the first pass's when there are none)."""
+  t = time.perf_counter()
+  result = one_pass()
+  first_s = time.perf_counter() - t
+  times = []
+  for _ in range(_EVAL_REPEATS.value):
+    t = time.perf_counter()
+    one_pass()
+    times.append(time.perf_counter() - t)
+  return result, first_s, float(np.median(times)) if times else first_s
+
+
 def run_top_k() -> dict:
   """Times full-ranking top-k of the first --eval_users evaluated users (test inputs)."""
   split, data_s, data_rss = _data()
@@ -203,15 +217,7 @@ def run_top_k() -> dict:
     with part.context():
       return float(sum(rank(params, table, b) for b in batches))
 
-  t = time.perf_counter()
-  hits = one_pass()
-  first_s = time.perf_counter() - t
-  times = []
-  for _ in range(_EVAL_REPEATS.value):
-    t = time.perf_counter()
-    one_pass()
-    times.append(time.perf_counter() - t)
-  eval_s = float(np.median(times))
+  hits, first_s, eval_s = _timed_passes(one_pass)
   return {
       "data_seconds": data_s,
       "rss_after_data_mib": data_rss,
@@ -234,15 +240,7 @@ def run_ranks() -> dict:
   users = split.eval_users[:_EVAL_USERS.value]
   sub = dataclasses.replace(split, eval_users=users)
   exp = loop.build_experiment(_config("sharded"), split=sub)
-  t = time.perf_counter()
-  metrics = exp.evaluate(exp.state.params, "test")
-  first_s = time.perf_counter() - t
-  times = []
-  for _ in range(_EVAL_REPEATS.value):
-    t = time.perf_counter()
-    exp.evaluate(exp.state.params, "test")
-    times.append(time.perf_counter() - t)
-  eval_s = float(np.median(times)) if times else first_s
+  metrics, first_s, eval_s = _timed_passes(lambda: exp.evaluate(exp.state.params, "test"))
   return {
       "data_seconds": data_s,
       "rss_after_data_mib": data_rss,
