@@ -463,8 +463,8 @@ def sampled_softmax_loss(hidden: jax.Array, table: jax.Array, targets: jax.Array
 # Full-ranking top-k
 
 
-def grouped_top_k(scores: jax.Array, k: int, group: Optional[int] = None
-                  ) -> Tuple[jax.Array, jax.Array]:
+def grouped_top_k(scores: jax.Array, k: int, group: Optional[int] = None,
+                  valid: Optional[Tuple[int, int]] = None) -> Tuple[jax.Array, jax.Array]:
   """`lax.top_k(scores, k)` over the last axis, exactly (ties included), in two cheaper passes.
 
   The items are cut into consecutive groups of `group`; the k groups with the highest maxima
@@ -475,26 +475,47 @@ def grouped_top_k(scores: jax.Array, k: int, group: Optional[int] = None
   of `lax.top_k` on CPU at millions of items.  Items past the last whole group are always
   candidates.
 
+  `valid=(lo, hi)` ranks as if every score outside ids [lo, hi) were -inf (the models' padding and
+  filler rows) without writing a masked copy of the row: on CPU that copy is a full extra write
+  and read of [..., V], which costs as much as the top-k itself.  Only the few groups that cross
+  lo or hi have their maxima recomputed masked, and the candidates are masked after the gather.
+
   Args:
     scores: [..., V] scores (-inf allowed).
     k: list length (<= V).
     group: items per group; None = 64 when the row is long enough to gain (V >= 16 x 64 x k),
       else plain `lax.top_k`.
+    valid: optional static (lo, hi): only ids lo <= id < hi can score; the others come out as -inf
+      (at the end of the list, in id order, if fewer than k ids are valid).
 
   Returns:
-    (values [..., k], indices [..., k] int32), as `lax.top_k`.
+    (values [..., k], indices [..., k] int32), as `lax.top_k` of the masked scores.
   """
   v = scores.shape[-1]
+  lo, hi = (0, v) if valid is None else (max(0, int(valid[0])), min(v, int(valid[1])))
+  masked = (lo, hi) != (0, v)
+
+  def mask(x, ids):
+    return jnp.where((ids >= lo) & (ids < hi), x, -jnp.inf) if masked else x
+
   if group is None:
     group = 64 if v >= 16 * 64 * k else 0
   n_groups = v // group if group else 0
   if n_groups <= k:
-    vals, idx = lax.top_k(scores, k)
+    vals, idx = lax.top_k(mask(scores, jnp.arange(v)), k)
     return vals, idx.astype(jnp.int32)
   lead = scores.shape[:-1]
   main = n_groups * group
   grouped = scores[..., :main].reshape(*lead, n_groups, group)                     # [..., G, g]
-  _, best = lax.top_k(jnp.max(grouped, axis=-1), k)                                # [..., k]
+  maxima = jnp.max(grouped, axis=-1)                                               # [..., G]
+  if masked:  # recompute, masked, the maxima of the groups that hold an id outside [lo, hi)
+    edge = sorted({g for g in range(n_groups) if g * group < lo or (g + 1) * group > hi})
+    if edge:
+      edge_ids = jnp.asarray(edge, jnp.int32)                                      # [E]
+      block = jnp.take(grouped, edge_ids, axis=-2)                                 # [..., E, g]
+      block_ids = edge_ids[:, None] * group + jnp.arange(group)                    # [E, g]
+      maxima = maxima.at[..., edge_ids].set(jnp.max(mask(block, block_ids), axis=-1))
+  _, best = lax.top_k(maxima, k)                                                   # [..., k]
   best = jnp.sort(best, axis=-1)                                   # id order: lax's tie rule
   cand = jnp.take_along_axis(grouped, best[..., None], axis=-2)                    # [..., k, g]
   cand_ids = best[..., None] * group + jnp.arange(group)                           # [..., k, g]
@@ -504,9 +525,8 @@ def grouped_top_k(scores: jax.Array, k: int, group: Optional[int] = None
     cand = jnp.concatenate([cand, scores[..., main:]], axis=-1)
     tail_ids = jnp.broadcast_to(jnp.arange(main, v), (*lead, v - main))
     cand_ids = jnp.concatenate([cand_ids, tail_ids], axis=-1)
-  vals, pos = lax.top_k(cand, k)
+  vals, pos = lax.top_k(mask(cand, cand_ids), k)
   return vals, jnp.take_along_axis(cand_ids, pos, axis=-1).astype(jnp.int32)
-
 
 
 def _shard_top_k(hidden, table, first_id, n_items, chunk, k):

@@ -9,9 +9,10 @@
 What a user's recommendation is.  The encoder reads the user's *whole* sequence (training part,
 validation and test items: everything the dataset holds), the last `max_len` items of it, so the
 prediction is the item after the last one.  Every item of the catalogue is scored inside jit
-(`model.score`), then the K best are picked: `large_catalog.grouped_top_k`, which equals
-`jax.lax.top_k` (ties included) and is faster at large catalogues.  Padding id 0 and the table's filler rows
-score -inf and are never returned.  With `exclude_seen`, every item of the whole history (not
+(`model.logits`, the scores of `model.score` before masking), then the K best are picked:
+`large_catalog.grouped_top_k`, which equals `jax.lax.top_k` of `model.score` (ties included) and is
+faster at large catalogues.  Padding id 0 and the table's filler rows are masked inside it (they
+score -inf and are never returned) so that no masked copy of the [B, V] scores is written.  With `exclude_seen`, every item of the whole history (not
 only the max_len window) is set to -inf first.  Rows whose candidates run out (a history covering
 the catalogue) are shorter than K: -inf entries are dropped.
 
@@ -199,6 +200,11 @@ def _scores(module, inputs):
   return module.score(module(inputs, train=False))
 
 
+def _logits(module, inputs):
+  """[B, L] ids -> [B, table_rows] unmasked dot products (compute dtype), for `topk_step`."""
+  return module.logits(module(inputs, train=False))
+
+
 def _item_table(module):
   """The [table_rows, D] embedding table `score` takes dot products with."""
   if not hasattr(module, "item_embedding"):
@@ -222,12 +228,15 @@ def topk_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module, k: 
     (ids [B, K] int32 dense item ids, scores [B, K] float32), best first; equal scores in
     ascending id order (`jax.lax.top_k`).  Entries past a row's candidates have score -inf.
   """
-  scores = model.apply({"params": params}, batch["inputs"], method=_scores)  # [B, V]
+  # Unmasked dot products: the padding and filler rows are masked inside grouped_top_k, which
+  # spares a full masked copy of [B, V] (on CPU as slow as the top-k itself at 1M items).
+  scores = model.apply({"params": params}, batch["inputs"], method=_logits)  # [B, V]
   if exclude_seen:
     rows = jnp.arange(scores.shape[0])[:, None]  # [B, 1]
     scores = scores.at[rows, batch["history"]].set(-jnp.inf)  # [B, V]
-  top_scores, top_ids = large_catalog.grouped_top_k(scores, k)  # [B, K], [B, K]
-  return top_ids, top_scores
+  top_scores, top_ids = large_catalog.grouped_top_k(
+      scores, k, valid=(1, model.config.n_items + 1))  # [B, K], [B, K]
+  return top_ids, top_scores.astype(jnp.float32)
 
 
 def vectors_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -> jax.Array:

@@ -205,6 +205,28 @@ def test_grouped_top_k_equals_lax_top_k_with_ties(v, group):
   np.testing.assert_array_equal(lc.grouped_top_k(scores, k, group)[1], jax.lax.top_k(scores, k)[1])
 
 
+@pytest.mark.parametrize("v,group,valid", [
+    (5000, 8, (1, 4990)),      # padding row 0 and ten filler rows, in part of a group
+    (5003, 8, (1, 4001)),      # the invalid ids span many whole groups and the tail
+    (640, 8, (1, 6)),          # fewer valid ids than k: -inf ids fill the list, in id order
+    (999, None, (1, 998)),     # short row: the plain lax.top_k path
+    (5000, 8, (0, 5000))])     # nothing masked
+def test_grouped_top_k_valid_range_equals_masked_lax_top_k(v, group, valid):
+  k = 10
+  rng = np.random.default_rng(v + valid[1])
+  scores = rng.integers(0, 40, size=(4, v)).astype(np.float32)
+  scores[:, 0] = 1e9            # an invalid id that would otherwise always win
+  scores[:, valid[1]:] = 1e9
+  scores[1, :] = -np.inf        # and a row of -inf everywhere
+  ids = np.arange(v)
+  want_vals, want_ids = jax.lax.top_k(
+      jnp.where((ids >= valid[0]) & (ids < valid[1]), scores, -jnp.inf), k)
+  vals, got_ids = jax.jit(functools.partial(lc.grouped_top_k, k=k, group=group,
+                                            valid=valid))(jnp.asarray(scores))
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_array_equal(vals, want_vals)
+
+
 def test_item_proposal_and_sampler():
   counts = np.array([0, 50, 0, 10, 5, 1])  # row 0 is padding; item 2 never seen
   cdf, log_q = lc.item_proposal(counts, power=1.0, n_rows=8)

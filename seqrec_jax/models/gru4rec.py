@@ -112,6 +112,10 @@ class GRU4Rec(nn.Module):
     """The sequence representation: [B, D], the state after the last item."""
     return self.encode(inputs, train=train, last_only=True)[:, -1]
 
+  def logits(self, user_vectors: jax.Array) -> jax.Array:
+    """[..., D] -> [..., table_rows] unmasked dot products (see `SASRec.logits`)."""
+    return self.item_embedding.attend(user_vectors)
+
   def score(self, user_vectors: jax.Array) -> jax.Array:
     """[..., D] -> [..., table_rows] scores; non-item rows are -inf."""
-    return layers.mask_non_items(self.item_embedding.attend(user_vectors), self.config.n_items)
+    return layers.mask_non_items(self.logits(user_vectors), self.config.n_items)

@@ -141,6 +141,16 @@ class SASRec(nn.Module):
     """The sequence representation: [B, D] hidden state at the last position."""
     return self.encode(inputs, train=train, last_only=True)[:, -1]
 
+  def logits(self, user_vectors: jax.Array) -> jax.Array:
+    """[..., D] -> [..., table_rows] dot products with every table row, unmasked (compute dtype).
+
+    Only for callers that mask rows 0 and > n_items themselves (`recommend.topk_step` through
+    `grouped_top_k(valid=...)`); everything else uses `score`.
+    """
+    logits = self.item_embedding.attend(user_vectors)  # [..., V]
+    return nn.with_logical_constraint(logits, ("batch", "vocab") if logits.ndim == 2
+                                      else ("batch", "length", "vocab"))
+
   def score(self, user_vectors: jax.Array) -> jax.Array:
     """Scores every row of the item table.
 
@@ -151,7 +161,4 @@ class SASRec(nn.Module):
       [..., table_rows] float32 scores; the padding row 0 and the rows past n_items are -inf so
       they can never be predicted or ranked.
     """
-    logits = self.item_embedding.attend(user_vectors)  # [..., V]
-    logits = nn.with_logical_constraint(logits, ("batch", "vocab") if logits.ndim == 2
-                                        else ("batch", "length", "vocab"))
-    return layers.mask_non_items(logits, self.config.n_items)
+    return layers.mask_non_items(self.logits(user_vectors), self.config.n_items)
