@@ -129,3 +129,52 @@ def test_sracl_on_bert4rec_with_cloze_rec_term(toy, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
   assert np.isfinite(rows[-1]["user_cl"]) and np.isfinite(rows[-1]["item_cl"])
   assert np.isfinite(results["test"]["NDCG@10"])
+
+
+def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path):
+  """The task's loss is the reference's composition of its encoder passes.
+
+  Dropout off everywhere, so every pass is deterministic: the task's loss must equal L_rec +
+  alpha NT-Xent(prefix, synthesized positive) + beta NT-Xent(view 1, view 2) computed here with
+  one encoder call per piece, the views drawn with the same substitution keys.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sracl_jax import augment, losses  # pylint: disable=g-import-not-at-top
+  root, path, _ = toy
+  c = sracl_config(root, path, synth_dropout=0.0, alpha=0.3, beta=0.2)
+  c.model.dropout = 0.0
+  c.model.attn_dropout = 0.0
+  exp = loop.build_experiment(c, workdir=str(tmp_path))
+  task, params = exp.task, jax.device_get(exp.state.params)
+  host = task.host_batch(next(exp.iterator))
+  batch = {k: jnp.asarray(host[k]) for k in task.train_fields}
+  consts = {k: jnp.asarray(v) for k, v in task.consts.items()}
+  rng = jax.random.key(7)
+  total_sum, weight_sum, metrics = task.loss(params, batch, consts, rng)
+
+  backbone = params["backbone"]
+  def encode(x):
+    return np.asarray(task.model.apply({"params": backbone}, x, train=False))
+  rngs = jax.random.split(rng, 7)
+  rec_sum, w, _ = task.base.loss(backbone, batch, {}, rngs[0])
+  b, k, length = batch["nbr_inputs"].shape
+  h_user = encode(batch["inputs"])
+  h_nbrs = encode(batch["nbr_inputs"].reshape(b * k, length)).reshape(b, k, -1)
+  positive = task.synthesizer.apply({"params": params["synthesizer"]}, batch["user_sem"],
+                                    batch["nbr_sem"], jnp.asarray(h_nbrs), train=False)
+  cs_sum, cs_w = losses.nt_xent(jnp.asarray(h_user), positive, batch["weights"],
+                                c.sracl.temperature, c.sracl.similarity)
+  table = consts["item_neighbours"]
+  v1 = augment.substitute(rngs[4], batch["inputs"], table, c.sracl.sub_prob)
+  v2 = augment.substitute(rngs[5], batch["inputs"], table, c.sracl.sub_prob)
+  assert not np.array_equal(v1, v2)  # the substitution did change the views
+  is_sum, is_w = losses.nt_xent(jnp.asarray(encode(v1)), jnp.asarray(encode(v2)),
+                                batch["weights"], c.sracl.temperature, c.sracl.similarity)
+  w = float(w)
+  user_cl = float(cs_sum) / max(float(cs_w), 1.0)
+  item_cl = float(is_sum) / max(float(is_w), 1.0)
+  want = float(rec_sum) / max(w, 1.0) + 0.3 * user_cl + 0.2 * item_cl
+  assert float(weight_sum) == w
+  np.testing.assert_allclose(float(metrics["user_cl"]), user_cl, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["item_cl"]), item_cl, rtol=1e-5)
+  np.testing.assert_allclose(float(total_sum) / w, want, rtol=1e-5)
