@@ -288,6 +288,47 @@ def test_items_mode_prefix_vectors_are_mean_item_vectors(tmp_path, monkeypatch):
     pipeline.build_semantic_tables(split, cfg, str(tmp_path / "out2"), progress=False)
 
 
+def test_scann_settings_reach_the_searcher_and_the_fingerprint(tmp_path, monkeypatch):
+  path = tmp_path / "Clustered.txt"  # 120 users x 12 of 200 items: ScaNN needs >= 64 rows
+  order = np.random.default_rng(4).permutation
+  path.write_text("".join(f"{u} {i}\n" for u in range(120) for i in order(200)[:12]))
+  split = leave_one_out(load_dataset("pairs", str(path)))
+  monkeypatch.setattr(pipeline, "_encoder", lambda *a: (_ for _ in ()).throw(AssertionError))
+  rng = np.random.default_rng(5)
+  # Clusters of 4 (a row and its 3 true neighbours), well apart: exact top-3 has a clear margin.
+  def clustered(n):
+    centres = rng.normal(size=(n // 4 + 1, 16))
+    return (centres[np.arange(n) // 4] + 0.02 * rng.normal(size=(n, 16))).astype(np.float32)
+  items = clustered(split.dataset.n_items + 1)
+  prefixes = clustered(split.n_train)
+  np.save(tmp_path / "items.npy", items)
+  np.save(tmp_path / "prefixes.npy", prefixes)
+  base = dict(k=3, retrieval_method="scann", item_embeddings_npy=str(tmp_path / "items.npy"),
+              prefix_embeddings_npy=str(tmp_path / "prefixes.npy"))
+  cfg = _cfg(**base, scann_num_leaves=4, scann_num_leaves_to_search=4, scann_reorder=40)
+  tables = pipeline.build_semantic_tables(split, cfg, str(tmp_path / "out"), progress=False)
+  _check_common(tables, split)
+  stats = tables.stats["retrieval_prefixes"]
+  assert (stats["method"], stats["num_leaves"], stats["num_leaves_to_search"],
+          stats["reorder"]) == ("scann", 4, 4, 40)
+  assert stats["recall_at_k"] >= 0.9  # every leaf searched, 40 rescored exactly
+  # Unset (0) keys leave the fingerprint of older tables unchanged; set ones change it.
+  fp_default, settings = pipeline.fingerprint(split, pipeline.resolve_config(_cfg(**base)))
+  assert not any(key.startswith("scann_") for key in settings)
+  assert pipeline.fingerprint(split, pipeline.resolve_config(cfg))[0] != fp_default
+  with pytest.raises(ValueError, match="scann_reorder"):
+    pipeline.resolve_config({"scann_reorder": -1})
+  # A database too small for ScaNN is a clear error, not ScaNN's own.
+  (tmp_path / "tiny").mkdir()
+  tiny = _pairs_split(tmp_path / "tiny")
+  np.save(tmp_path / "tiny_items.npy", items[:tiny.dataset.n_items + 1])
+  with pytest.raises(ValueError, match="needs at least 64 database rows"):
+    pipeline.build_semantic_tables(
+        tiny, _cfg(k=3, retrieval_method="scann",
+                   item_embeddings_npy=str(tmp_path / "tiny_items.npy"), user_mode="items"),
+        str(tmp_path / "out_tiny"), progress=False)
+
+
 def test_user_and_prefix_texts_match_the_template(tmp_path):
   ds = _dataset(n_users=6)
   text = dict(ds.item_text)

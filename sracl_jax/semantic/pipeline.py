@@ -105,6 +105,11 @@ def default_semantic_config() -> ml_collections.ConfigDict:
   c.domain = "product"  # singular domain phrase of the LLM prompts ("beauty product", "movie")
   c.text_fields = ()  # item_text fields making the item text; () = all fields present
   c.retrieval_method = "auto"  # auto (exact below 20k rows, else ScaNN) | exact | scann
+  # ScaNN tree settings (0 = the defaults: round(sqrt(n)) leaves, a tenth of them searched,
+  # 10 x k candidates rescored exactly); raise the last two for recall, at search time's cost.
+  c.scann_num_leaves = 0
+  c.scann_num_leaves_to_search = 0
+  c.scann_reorder = 0
   c.cache_dir = ""  # kNN cache; "" = <out_dir>/cache
   return c
 
@@ -163,6 +168,9 @@ def resolve_config(cfg: Any) -> Dict[str, Any]:
   if opts["retrieval_method"] not in retrieval.METHODS:
     raise ValueError(f"semantic.retrieval_method must be one of {retrieval.METHODS}, got "
                      f"{opts['retrieval_method']!r}")
+  for key in ("scann_num_leaves", "scann_num_leaves_to_search", "scann_reorder"):
+    if isinstance(opts[key], bool) or int(opts[key]) < 0:
+      raise ValueError(f"semantic.{key} must be an integer >= 0 (0 = default), got {opts[key]!r}")
   if int(opts["encode_batch_size"]) < 1:
     raise ValueError(f"semantic.encode_batch_size must be positive, got "
                      f"{opts['encode_batch_size']}")
@@ -198,6 +206,9 @@ def fingerprint(split: Any, opts: Mapping[str, Any]) -> Tuple[str, Dict[str, Any
   if opts["llm_enabled"]:
     keys += ["llm_base_url", "llm_model", "domain", "llm_item_histories"]
   settings = {key: opts[key] for key in keys}
+  for key in ("scann_num_leaves", "scann_num_leaves_to_search", "scann_reorder"):
+    if int(opts[key]):  # only when set, so that tables built before these keys stay valid
+      settings[key] = int(opts[key])
   settings["text_fields"] = list(settings["text_fields"])
   settings["item_embeddings_npy"] = _file_identity(opts["item_embeddings_npy"])
   settings["prefix_embeddings_npy"] = _file_identity(opts["prefix_embeddings_npy"])
@@ -623,7 +634,10 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
 
   # ---- retrieval
   t0 = time.perf_counter()
-  nn_kw = dict(exclude_self=True, method=opts["retrieval_method"], progress=progress)
+  nn_kw = dict(exclude_self=True, method=opts["retrieval_method"], progress=progress,
+               num_leaves=int(opts["scann_num_leaves"]) or None,
+               num_leaves_to_search=int(opts["scann_num_leaves_to_search"]) or None,
+               reorder=int(opts["scann_reorder"]) or None)
   db = item_embeddings[1:]
   idx, _, item_nn_stats = retrieval.cached_neighbours(cache_dir, db, db, k, **nn_kw)
   item_neighbours = np.zeros((ds.n_items + 1, k), np.int32)

@@ -89,6 +89,8 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
   return arr
 
 
+SCANN_MIN_ROWS = 64  # below this ScaNN cannot train its hashing; and exact search is instant
+
 def _check_args(q: np.ndarray, db: np.ndarray, k: int, exclude_self: bool, metric: str,
                 method: str) -> None:
   if q.shape[1] != db.shape[1]:
@@ -106,6 +108,10 @@ def _check_args(q: np.ndarray, db: np.ndarray, k: int, exclude_self: bool, metri
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == "scann" and n < SCANN_MIN_ROWS:
+    raise ValueError(f"method='scann' needs at least {SCANN_MIN_ROWS} database rows (its "
+                     f"asymmetric hashing trains 16 centres per block), got {n}: use 'exact' "
+                     "or 'auto' (exact below brute_force_below rows)")
 
 
 def _normalised(x: np.ndarray, name: str) -> np.ndarray:
