@@ -49,7 +49,6 @@ index: `category=` names one (default: the only one, or the only trained one).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import zlib
@@ -238,16 +237,13 @@ class CalrecRecommender:
     self.indexes = {cat.name: self._evaluator.bm25(cat) for cat in categories}
     self._default = (categories[0].name if len(categories) == 1 else
                      trained[0] if len(trained) == 1 else None)
-    self._item_index = {name: {str(s): i for i, s in enumerate(cat.split.dataset.item_ids) if i}
-                        for name, cat in self.categories.items()}
-    self._user_index = {name: {str(s): i for i, s in enumerate(cat.split.dataset.user_ids)}
-                        for name, cat in self.categories.items()}
-    self._item_json = {name: np.asarray([json.dumps(str(s)) for s in cat.split.dataset.item_ids],
-                                        dtype=object)
-                       for name, cat in self.categories.items()}
+    lookups = {name: seqrec_recommend.id_lookups(cat.split.dataset)
+               for name, cat in self.categories.items()}
+    self._item_index = {name: v[0] for name, v in lookups.items()}
+    self._user_index = {name: v[1] for name, v in lookups.items()}
+    self._item_json = {name: v[2] for name, v in lookups.items()}
     self._item_vectors: Dict[str, jax.Array] = {}
-    self._row_multiple = int(np.lcm(partitioner.batch_size_multiple, jax.process_count()))
-    self.batch_size = -(-int(batch_size) // self._row_multiple) * self._row_multiple
+    self._row_multiple, self.batch_size = seqrec_recommend.global_batch(batch_size, partitioner)
     self._steps: Dict[Any, Callable] = {}
 
   # -------------------------------------------------------------------------------------------
@@ -614,14 +610,8 @@ class CalrecRecommender:
     k = self._check(k, method, rng_seed, cat)
     ds = cat.split.dataset
     user_ids = self.user_ids(cat.name)
-    if users is None:
-      user_idx = np.arange(ds.n_users, dtype=np.int64)
-    else:
-      user_idx = self.user_index(list(dict.fromkeys(str(u) for u in users)), cat.name)
-    lengths = ds.lengths[user_idx]
-    if np.any(lengths == 0):
-      logging.warning("skipping %d users with an empty sequence", int(np.sum(lengths == 0)))
-      user_idx = user_idx[lengths > 0]
+    user_idx = seqrec_recommend.select_users(
+        ds, users, functools.partial(self.user_index, category=cat.name))
     procs, me = jax.process_count(), jax.process_index()
     path = seqrec_recommend.shard_path(out, me, procs)
     g = self._batch_size_for(len(user_idx))
@@ -631,14 +621,9 @@ class CalrecRecommender:
                    "max_new_tokens": int(c.max_new_tokens), "top_r": int(c.top_r),
                    "merge": str(c.merge), "epsilon": float(c.epsilon)}
                   if method == "generate" else {})
-    settings = {
-        "format_version": seqrec_recommend.FORMAT_VERSION, "workdir": self.workdir,
-        "best_step": self.best_step, "model": "calrec", "category": cat.name, "method": method,
-        "k": k, "exclude_seen": bool(exclude_seen), "decimals": decimals,
-        "users_sha1": hashlib.sha1("\n".join(user_ids[user_idx]).encode()).hexdigest(),
-        "n_users": int(len(user_idx)), "process_index": me, "process_count": procs,
-        "global_batch": g, **generation,
-    }
+    settings = seqrec_recommend.output_settings(
+        self.workdir, self.best_step, k, exclude_seen, decimals, user_ids[user_idx], g,
+        model="calrec", category=cat.name, method=method, **generation)
     done = seqrec_recommend.complete_output(path, settings, overwrite)
     if done is not None:
       return done

@@ -249,6 +249,52 @@ def scores_step(params: Any, batch: Dict[str, jax.Array], *, model: nn.Module) -
   return model.apply({"params": params}, batch["inputs"], method=_scores)
 
 
+def id_lookups(dataset: Any) -> Tuple[Dict[str, int], Dict[str, int], np.ndarray]:
+  """(item id -> dense id (padding 0 left out), user id -> row, JSON-quoted item ids [V])."""
+  item_index = {str(s): i for i, s in enumerate(dataset.item_ids) if i > 0}
+  user_index = {str(s): i for i, s in enumerate(dataset.user_ids)}
+  item_json = np.asarray([json.dumps(str(s)) for s in dataset.item_ids], dtype=object)
+  return item_index, user_index, item_json
+
+
+def global_batch(batch_size: int, partitioner: Any) -> Tuple[int, int]:
+  """(row multiple, batch_size rounded up to it): global batches split evenly over the mesh's
+  batch shards and over the processes."""
+  multiple = int(np.lcm(partitioner.batch_size_multiple, jax.process_count()))
+  return multiple, -(-int(batch_size) // multiple) * multiple
+
+
+def select_users(dataset: Any, users: Optional[Sequence[Any]],
+                 user_index: Callable[[List[str]], np.ndarray]) -> np.ndarray:
+  """Dataset rows of `users` (original ids; duplicates dropped, order kept; None = every user),
+  less the users with an empty sequence (their count is logged).  Unknown ids raise through
+  `user_index`."""
+  if users is None:
+    user_idx = np.arange(dataset.n_users, dtype=np.int64)
+  else:
+    user_idx = user_index(list(dict.fromkeys(str(u) for u in users)))
+  lengths = dataset.lengths[user_idx]
+  if np.any(lengths == 0):
+    logging.warning("skipping %d users with an empty sequence", int(np.sum(lengths == 0)))
+    user_idx = user_idx[lengths > 0]
+  return user_idx
+
+
+def output_settings(workdir: str, best_step: Any, k: int, exclude_seen: bool,
+                    decimals: Optional[int], user_ids: np.ndarray, global_batch_size: int,
+                    **extra: Any) -> Dict[str, Any]:
+  """The settings a top-K file records (`<file>.meta.json`); a rerun skips a complete file only
+  when they are equal.  The global batch decides which users each process's shard holds, so it
+  is part of them: a rerun never mixes shards of two different splits."""
+  return {
+      "format_version": FORMAT_VERSION, "workdir": workdir, "best_step": best_step, **extra,
+      "k": k, "exclude_seen": bool(exclude_seen), "decimals": decimals,
+      "users_sha1": hashlib.sha1("\n".join(user_ids).encode()).hexdigest(),
+      "n_users": int(len(user_ids)), "process_index": jax.process_index(),
+      "process_count": jax.process_count(), "global_batch": global_batch_size,
+  }
+
+
 def process_batches(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, global_batch: int,
                     max_len: int, with_history: bool = False
                     ) -> Iterator[Tuple[int, int, np.ndarray, Optional[np.ndarray]]]:
@@ -397,12 +443,8 @@ class Recommender:
     self.n_items = int(dataset.n_items)
     self.item_ids = np.asarray(dataset.item_ids, dtype=object)
     self.user_ids = np.asarray(dataset.user_ids, dtype=object)
-    self._item_index = {str(s): i for i, s in enumerate(self.item_ids) if i > 0}
-    self._user_index = {str(s): i for i, s in enumerate(self.user_ids)}
-    self._item_json = np.asarray([json.dumps(str(s)) for s in self.item_ids], dtype=object)
-    # Global batches split evenly over the batch shards and over the processes.
-    self._row_multiple = int(np.lcm(partitioner.batch_size_multiple, jax.process_count()))
-    self.batch_size = -(-int(batch_size) // self._row_multiple) * self._row_multiple
+    self._item_index, self._user_index, self._item_json = id_lookups(dataset)
+    self._row_multiple, self.batch_size = global_batch(batch_size, partitioner)
     self._steps: Dict[Any, Callable] = {}
 
   # -------------------------------------------------------------------------------------------
@@ -715,26 +757,12 @@ class Recommender:
       FileExistsError: a complete file from other settings exists and overwrite is False.
     """
     k = self._check_k(k)
-    if users is None:
-      user_idx = np.arange(self.dataset.n_users, dtype=np.int64)
-    else:
-      user_idx = self.user_index(list(dict.fromkeys(str(u) for u in users)))  # dedupe, keep order
-    lengths = self.dataset.lengths[user_idx]
-    if np.any(lengths == 0):
-      logging.warning("skipping %d users with an empty sequence", int(np.sum(lengths == 0)))
-      user_idx = user_idx[lengths > 0]
+    user_idx = select_users(self.dataset, users, self.user_index)
     procs, me = jax.process_count(), jax.process_index()
     path = shard_path(out, me, procs)
     g = self._batch_size_for(len(user_idx))
-    # The global batch decides which users each process's shard holds: it is part of the settings
-    # so that a rerun never mixes shards of two different splits.
-    settings = {
-        "format_version": FORMAT_VERSION, "workdir": self.workdir, "best_step": self.best_step,
-        "k": k, "exclude_seen": bool(exclude_seen), "decimals": decimals,
-        "users_sha1": hashlib.sha1("\n".join(self.user_ids[user_idx]).encode()).hexdigest(),
-        "n_users": int(len(user_idx)), "process_index": me, "process_count": procs,
-        "global_batch": g,
-    }
+    settings = output_settings(self.workdir, self.best_step, k, exclude_seen, decimals,
+                               self.user_ids[user_idx], g)
     done = complete_output(path, settings, overwrite)
     if done is not None:
       return done
