@@ -9,24 +9,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, write_small_config  # pylint: disable=g-bad-import-order
 
-CONFIG = '''
-from seqrec_jax.default_config import base_config
-
-def get_config(arg=None):
-  c = base_config()
-  c.data.format = "pairs"
-  c.data.path = {path!r}
-  c.data.max_len = 8
-  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
-  c.model.dropout = c.model.attn_dropout = 0.2
-  c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 32, 30, 10
-  c.train.patience = 0
-  c.eval.batch_size = 64
-  c.checkpoint.async_save = False
-  return c
-'''
 
 
 def _free_port():
@@ -60,7 +44,8 @@ def cfg(tmp_path_factory):
   root = tmp_path_factory.mktemp("mp")
   data = _write_pairs(str(root / "toy.txt"), n_users=100, n_items=30)
   path = root / "mp_config.py"
-  path.write_text(CONFIG.format(path=data))
+  write_small_config(path, data, 30, 10, "c.model.dropout = c.model.attn_dropout = 0.2",
+                     "c.train.patience = 0", "c.checkpoint.async_save = False")
   return str(path)
 
 

@@ -13,23 +13,8 @@ from seqrec_jax import loop
 
 from test_loop import _write_pairs, small_config  # pylint: disable=g-bad-import-order
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, write_small_config  # pylint: disable=g-bad-import-order
 
-CONFIG = '''
-from seqrec_jax.default_config import base_config
-
-def get_config(arg=None):
-  c = base_config()
-  c.data.format = "pairs"
-  c.data.path = {path!r}
-  c.data.max_len = 8
-  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
-  c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 32, 400, 100
-  c.train.log_every_steps = 5
-  c.train.patience = 0
-  c.eval.batch_size = 64
-  return c
-'''
 
 
 def _run(cmd, env):
@@ -39,7 +24,7 @@ def _run(cmd, env):
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
   data = _write_pairs(str(tmp_path / "toy.txt"), n_users=100, n_items=30)
   cfg = tmp_path / "cfg.py"
-  cfg.write_text(CONFIG.format(path=data))
+  write_small_config(cfg, data, 400, 100, "c.train.log_every_steps = 5", "c.train.patience = 0")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={cfg}",
           "--config.train.progress=false"]

@@ -5,32 +5,16 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, write_small_config  # pylint: disable=g-bad-import-order
 
-CONFIG = '''
-from seqrec_jax.default_config import base_config
-
-def get_config(arg=None):
-  c = base_config()
-  c.data.format = "pairs"
-  c.data.path = {path!r}
-  c.data.max_len = 8
-  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
-  c.train.batch_size, c.train.num_steps, c.train.eval_every_steps = 32, 10, 5
-  c.eval.batch_size = 64
-  c.checkpoint.async_save = False
-  return c
-
-def get_sweep():
-  return [{{"optim.lr": lr}} for lr in (1e-3, 3e-3)]
-'''
 
 
 def test_sweep_runs_skips_and_tabulates(tmp_path):
   from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
   data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
   cfg = tmp_path / "toy_sweep.py"
-  cfg.write_text(CONFIG.format(path=data))
+  write_small_config(cfg, data, 10, 5, "c.checkpoint.async_save = False",
+                     sweep='[{"optim.lr": lr} for lr in (1e-3, 3e-3)]')
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
