@@ -273,9 +273,11 @@ def main(argv):
         ours["train_sequences_per_second"] / ref["train_samples_per_s"])
   text = json.dumps(report, indent=2)
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if _OUT.value:  # written whole and renamed: a killed run leaves no file that looks finished
+    tmp = f"{_OUT.value}.tmp"
+    with open(tmp, "w") as f:
       f.write(text + "\n")
+    os.replace(tmp, _OUT.value)
 
 
 if __name__ == "__main__":

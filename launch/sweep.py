@@ -7,10 +7,20 @@ Each run is `launch/train.py` in its own process, in <workdir>/<run name>; runs 
 exists are skipped, so an interrupted sweep resumes (and each run resumes from its checkpoints).
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept key
 (test metric vs value).
+
+`--mode benchmark` runs `launch/benchmark.py` instead of training (each run writes
+<run>/benchmark.json and is skipped when it exists) and tabulates and plots its speed figures:
+training sequences/s, step time, evaluation users/s and the fraction of the matmul peak, against
+the swept value.  Throughput vs batch size, and vs device count over fake CPU devices:
+
+  python launch/sweep.py --mode benchmark --config configs/sasrec/throughput.py --workdir W
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python launch/sweep.py --mode benchmark \
+      --config configs/sasrec/throughput.py:devices --workdir W2
 """
 
 import csv
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -31,6 +41,14 @@ _PRINT = flags.DEFINE_bool("print_commands", False, "Print one train command per
 _METRICS = flags.DEFINE_list("metrics", ["HR@10", "NDCG@10", "HR@20", "NDCG@20"],
                              "Test metrics to tabulate and plot.")
 _EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.k=v for every run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "benchmark"],
+                          "train: launch/train.py per run (quality); benchmark: launch/benchmark.py "
+                          "per run (speed).")
+_BENCH_ARGS = flags.DEFINE_multi_string(
+    "benchmark_arg", ["--steps=20", "--warmup=3", "--eval_repeats=1"],
+    "benchmark mode: flags passed to launch/benchmark.py (repeat the flag for several).")
+BENCHMARK_METRICS = ("train_sequences_per_second", "step_seconds_median", "eval_users_per_second",
+                     "fraction_of_matmul_peak")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,7 +61,8 @@ def load_sweep(config_arg: str) -> List[Dict[str, Any]]:
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{path} defines no get_sweep()")
   config = module.get_config(arg or None)
-  sweep = list(module.get_sweep())
+  takes_arg = bool(inspect.signature(module.get_sweep).parameters)
+  sweep = list(module.get_sweep(arg or None) if takes_arg else module.get_sweep())
   for i, overrides in enumerate(sweep):
     for key in overrides:
       node = config
@@ -70,19 +89,43 @@ def train_command(config_arg: str, workdir: str, overrides: Dict[str, Any], extr
   return cmd
 
 
-def collect(workdir: str, sweep, metrics) -> List[Dict[str, Any]]:
+def benchmark_command(config_arg: str, workdir: str, overrides: Dict[str, Any], extra,
+                      bench_args) -> List[str]:
+  """launch/benchmark.py for one run; it writes <workdir>/benchmark.json (atomically)."""
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "benchmark.py"), f"--config={config_arg}",
+         f"--out={os.path.join(workdir, 'benchmark.json')}"]
+  cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+  return cmd + list(extra) + list(bench_args)
+
+
+def result_file(mode: str) -> str:
+  return "benchmark.json" if mode == "benchmark" else "results.json"
+
+
+def collect(workdir: str, sweep, metrics, mode: str = "train") -> List[Dict[str, Any]]:
+  """One row per run: its overrides, then (when finished) its metrics.
+
+  train: "test M" and "valid M" for each metric M, best step and training seconds.
+  benchmark: each of `metrics` from benchmark.json's "ours" block, plus its devices and mesh.
+  """
   rows = []
   for overrides in sweep:
     name = run_name(overrides)
-    path = os.path.join(workdir, name, "results.json")
+    path = os.path.join(workdir, name, result_file(mode))
     row = {"run": name, **overrides}
     if os.path.exists(path):
       with open(path) as f:
         res = json.load(f)
-      row.update({f"test {m}": res["test"][m] for m in metrics})
-      row.update({f"valid {m}": res["valid"][m] for m in metrics})
-      row["best_step"] = res["best_step"]
-      row["train_seconds"] = round(res["train_seconds"], 1)
+      if mode == "benchmark":
+        ours = res["ours"]
+        row.update({m: ours[m] for m in metrics})
+        row["devices"] = ours.get("devices")
+        row["mesh"] = "x".join(f"{k}={v}" for k, v in (ours.get("mesh") or {}).items())
+      else:
+        row.update({f"test {m}": res["test"][m] for m in metrics})
+        row.update({f"valid {m}": res["valid"][m] for m in metrics})
+        row["best_step"] = res["best_step"]
+        row["train_seconds"] = round(res["train_seconds"], 1)
     rows.append(row)
   return rows
 
@@ -104,13 +147,15 @@ def write_tables(workdir: str, rows) -> None:
       f.write("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |\n")
 
 
-def plot(workdir: str, rows, sweep, metrics) -> List[str]:
-  """One PNG per swept numeric key: test metrics vs value (other keys' settings as series)."""
+def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
+  """One PNG per swept numeric key: the metrics (test metrics in train mode, speed figures in
+  benchmark mode) vs value, the other keys' settings as series."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   keys = sorted({k for o in sweep for k in o})
-  done = [r for r in rows if f"test {metrics[0]}" in r]
+  column = (lambda m: m) if mode == "benchmark" else (lambda m: f"test {m}")
+  done = [r for r in rows if column(metrics[0]) in r]
   paths = []
   for key in keys:
     values = {r.get(key) for r in done}
@@ -125,10 +170,12 @@ def plot(workdir: str, rows, sweep, metrics) -> List[str]:
       for group, members in sorted(groups.items(), key=lambda g: str(g[0])):
         members = sorted(members, key=lambda r: r[key])
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in group) or None
-        ax.plot([r[key] for r in members], [r[f"test {metric}"] for r in members], "o-",
+        ax.plot([r[key] for r in members], [r[column(metric)] for r in members], "o-",
                 label=label)
       ax.set_xlabel(key)
-      ax.set_ylabel(f"test {metric}")
+      ax.set_ylabel(column(metric))
+      if mode == "benchmark" and len(values) > 2 and min(values) > 0:
+        ax.set_xscale("log", base=2)  # batch sizes and device counts double
       ax.grid(alpha=0.3)
     if len(groups) > 1:
       axes[0][-1].legend(fontsize=7)
@@ -145,22 +192,32 @@ def main(argv):
   sweep = load_sweep(_CONFIG.value)
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   os.makedirs(workdir, exist_ok=True)
-  commands = [(o, train_command(_CONFIG.value, os.path.join(workdir, run_name(o)), o,
-                                _EXTRA.value)) for o in sweep]
+  mode = _MODE.value
+  if mode == "benchmark":
+    metrics = (list(BENCHMARK_METRICS) if _METRICS.value == _METRICS.default
+               else _METRICS.value)
+    commands = [(o, benchmark_command(_CONFIG.value, os.path.join(workdir, run_name(o)), o,
+                                      _EXTRA.value, _BENCH_ARGS.value)) for o in sweep]
+  else:
+    metrics = _METRICS.value
+    commands = [(o, train_command(_CONFIG.value, os.path.join(workdir, run_name(o)), o,
+                                  _EXTRA.value)) for o in sweep]
   if _PRINT.value:
     for _, cmd in commands:
       print(" ".join(shlex.quote(c) for c in cmd))
     return
   for i, (overrides, cmd) in enumerate(commands):
     name = run_name(overrides)
-    if os.path.exists(os.path.join(workdir, name, "results.json")):
+    if os.path.exists(os.path.join(workdir, name, result_file(mode))):
       print(f"[{i + 1}/{len(commands)}] {name}: done, skipped", flush=True)
       continue
-    print(f"[{i + 1}/{len(commands)}] {name}: training", flush=True)
+    print(f"[{i + 1}/{len(commands)}] {name}: {'benchmarking' if mode == 'benchmark' else 'training'}",
+          flush=True)
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
     subprocess.run(cmd, check=True)
-  rows = collect(workdir, sweep, _METRICS.value)
+  rows = collect(workdir, sweep, metrics, mode)
   write_tables(workdir, rows)
-  pngs = plot(workdir, rows, sweep, _METRICS.value)
+  pngs = plot(workdir, rows, sweep, metrics, mode)
   print(open(os.path.join(workdir, "sweep.md")).read())
   print("wrote", os.path.join(workdir, "sweep.csv"), *pngs)
 

@@ -89,12 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg) -> set:
+def parse_arg(arg, known=("tiny",)) -> set:
   """'tiny' / 'tiny,foo' -> {'tiny', 'foo'}; checks against the known flags."""
   flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
-  unknown = flags - {"tiny"}
+  unknown = flags - set(known)
   if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: ['tiny']")
+    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
   return flags
 
 
