@@ -3,7 +3,11 @@
 import os
 import sys
 
+# 8 device threads share the CI machine's 2 cores: under load one can reach a collective long
+# after the others, and XLA:CPU aborts the whole process when a collective waits longer than its
+# termination timeout (40 s by default), which a loaded 2-core machine has hit once.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

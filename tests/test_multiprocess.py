@@ -20,7 +20,8 @@ def _free_port():
 
 
 def _launch(cfg, workdir, n_proc, devices_per_proc, extra=()):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=900",  # see conftest.py
              JAX_PLATFORMS="cpu")
   base = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={cfg}",
           f"--workdir={workdir}", "--config.train.progress=false", *extra]
