@@ -49,7 +49,6 @@ index: `category=` names one (default: the only one, or the only trained one).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -630,12 +629,12 @@ class CalrecRecommender:
     starts, ends = ds.offsets[user_idx], ds.offsets[user_idx + 1]
     bar = seqrec_recommend.progress_bar(seqrec_recommend.local_row_count(len(user_idx), g),
                                         enabled=progress and me == 0)
-    user_json = [json.dumps(str(u)) for u in user_ids[user_idx]]
-    with seqrec_recommend.RowsWriter(path, settings) as writer:
+    users_out = user_ids[user_idx]
+    with seqrec_recommend.RowsWriter(path, settings, ds.item_ids, self._item_json[cat.name],
+                                     decimals) as writer:
       for lo, hi, ids, scores in self._topk_rows(cat, ds.items, starts, ends, k, exclude_seen,
                                                  method, rng_seed, g, local_only=True):
-        writer.write(seqrec_recommend.format_rows(user_json[lo:hi], self._item_json[cat.name],
-                                                  ids, scores, decimals), hi - lo)
+        writer.write_block(users_out[lo:hi], ids, scores)
         bar.update(hi - lo)
     bar.close()
     stats = writer.stats()

@@ -30,7 +30,9 @@ from seqrec_jax import loop
 from seqrec_jax import recommend
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by launch/train.py.")
-_OUT = flags.DEFINE_string("out", None, "Output JSONL file; default <workdir>/recs.jsonl.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output file: JSONL, or Parquet when it ends in .parquet (needs pyarrow); "
+    "default <workdir>/recs.jsonl.")
 _TOP_K = flags.DEFINE_integer("top_k", 100, "Items per user.")
 _USERS = flags.DEFINE_string("users", None,
                              "File of original user ids, one per line; default every user.")

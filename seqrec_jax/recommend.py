@@ -771,8 +771,8 @@ class Recommender:
     local = g // procs
     n_local = local_row_count(len(user_idx), g)
     bar = progress_bar(n_local, enabled=progress and me == 0)
-    user_json = [json.dumps(str(u)) for u in self.user_ids[user_idx]]
-    with RowsWriter(path, settings) as writer:
+    users_out = self.user_ids[user_idx]
+    with RowsWriter(path, settings, self.item_ids, self._item_json, decimals) as writer:
       for lo, real, (top_ids, top_scores) in prefetched(
           self._run(self.dataset.items, starts, ends, "topk", g, k=k,
                     exclude_seen=bool(exclude_seen))):
@@ -781,19 +781,13 @@ class Recommender:
           continue
         ids = fetch(top_ids)[first:last]  # [b, K]
         scores = fetch(top_scores)[first:last]  # [b, K]
-        writer.write(self._format_rows(user_json[lo + first:lo + last], ids, scores, decimals),
-                     last - first)
+        writer.write_block(users_out[lo + first:lo + last], ids, scores)
         bar.update(last - first)
     bar.close()
     stats = writer.stats()
     logging.info("wrote top-%d of %d users to %s in %.1f s (%.0f users/s)", k, stats["rows"],
                  path, stats["seconds"], stats["users_per_second"])
     return stats
-
-  def _format_rows(self, user_json: Sequence[str], ids: np.ndarray, scores: np.ndarray,
-                   decimals: Optional[int]) -> str:
-    """JSONL text of a block of rows (see `format_rows`)."""
-    return format_rows(user_json, self._item_json, ids, scores, decimals)
 
   # -------------------------------------------------------------------------------------------
   # Export.
@@ -1060,23 +1054,66 @@ def complete_output(path: str, settings: Dict[str, Any],
       "(--overwrite) to replace it")
 
 
+PARQUET_SUFFIX = ".parquet"
+
+
+def _parquet_modules():
+  try:
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError("writing a .parquet top-K file needs pyarrow: pip install pyarrow "
+                      "(or pip install seqrec-jax[parquet]); a .jsonl name needs nothing") from e
+  return pyarrow, pyarrow.parquet
+
+
+def parquet_table(users: Sequence[str], item_ids: np.ndarray, ids: np.ndarray,
+                  scores: np.ndarray, decimals: Optional[int]):
+  """A pyarrow table of `{"user", "items", "scores"}` rows, the same rows as `format_rows`.
+
+  Columns: user (string), items (list<string>: original ids, best first), scores (list<double>,
+  rounded to `decimals` unless None).  Non-finite scores (no candidate) are left out.
+  """
+  pa, _ = _parquet_modules()
+  keep = np.isfinite(scores)                                                      # [b, K]
+  offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)   # [b + 1]
+  values = scores[keep].astype(np.float64)                                        # row-major
+  if decimals is not None:
+    values = np.round(values, decimals)
+  names = np.asarray(item_ids, dtype=object)[ids[keep]]
+  return pa.table({
+      "user": pa.array([str(u) for u in users], pa.string()),
+      "items": pa.ListArray.from_arrays(pa.array(offsets),
+                                        pa.array([str(x) for x in names], pa.string())),
+      "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float64())),
+  })
+
+
 class RowsWriter:
-  """Writes a JSONL file so that a file under its final name is always complete.
+  """Writes a top-K file (JSONL, or Parquet for a `.parquet` path) so that a file under its final
+  name is always complete.
 
   Rows go to `<path>.tmp` (a fixed name: a killed run's leftover is overwritten, never read).
   On a clean exit of the `with` block the file is synced, `<path>.meta.json` records the settings
   and the row count, and only then is the `.tmp` renamed: a file under `path` always has its
   settings, which is what lets `complete_output` skip it on a rerun.  An exception leaves the
-  `.tmp` alone and `path` untouched.
+  `.tmp` alone and `path` untouched.  Parquet files get one row group per block (host memory
+  stays O(block x K)).
 
-    with RowsWriter(path, settings) as writer:
-      writer.write(text, n_rows)
+    with RowsWriter(path, settings, item_ids, item_json, decimals) as writer:
+      writer.write_block(user_ids, ids, scores)   # raw user ids [b], dense ids / scores [b, K]
     stats = writer.stats()
   """
 
-  def __init__(self, path: str, settings: Dict[str, Any]):
+  def __init__(self, path: str, settings: Dict[str, Any], item_ids: np.ndarray,
+               item_json: Optional[np.ndarray] = None, decimals: Optional[int] = 6):
     self.path = path
     self.settings = settings
+    self.parquet = path.endswith(PARQUET_SUFFIX)
+    self.item_ids = item_ids
+    self.item_json = (item_json if item_json is not None else
+                      np.asarray([json.dumps(str(x)) for x in item_ids], dtype=object))
+    self.decimals = decimals
     self.rows = 0
     self.seconds = 0.0
     self._file = None
@@ -1085,23 +1122,38 @@ class RowsWriter:
   def __enter__(self) -> "RowsWriter":
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     self._t0 = time.perf_counter()
-    # Closed in __exit__: the file outlives this method by design.
-    self._file = open(self.path + ".tmp", "w", encoding="utf-8")  # pylint: disable=R1732
+    if self.parquet:
+      pa, pq = _parquet_modules()
+      schema = pa.schema([("user", pa.string()), ("items", pa.list_(pa.string())),
+                          ("scores", pa.list_(pa.float64()))])
+      self._file = pq.ParquetWriter(self.path + ".tmp", schema)
+    else:
+      # Closed in __exit__: the file outlives this method by design.
+      self._file = open(self.path + ".tmp", "w", encoding="utf-8")  # pylint: disable=R1732
     return self
 
-  def write(self, text: str, rows: int) -> None:
-    """Appends `text` holding `rows` rows."""
-    self._file.write(text)
-    self.rows += int(rows)
+  def write_block(self, users: Sequence[str], ids: np.ndarray, scores: np.ndarray) -> None:
+    """Appends the rows of `users` (original ids), their [b, K] dense item ids and scores."""
+    if self.parquet:
+      self._file.write_table(parquet_table(users, self.item_ids, ids, scores, self.decimals))
+    else:
+      user_json = [json.dumps(str(u)) for u in users]
+      self._file.write(format_rows(user_json, self.item_json, ids, scores, self.decimals))
+    self.rows += len(users)
 
   def __exit__(self, exc_type, exc, tb) -> bool:
     f, self._file = self._file, None
     if exc_type is not None:
       f.close()
       return False  # re-raise; no meta, no rename
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
+    if self.parquet:
+      f.close()
+      with open(self.path + ".tmp", "rb+") as g:
+        os.fsync(g.fileno())
+    else:
+      f.flush()
+      os.fsync(f.fileno())
+      f.close()
     self.seconds = time.perf_counter() - self._t0
     fileio.atomic_write(self.path + ".meta.json",
                         lambda m: json.dump({"settings": self.settings, "rows": self.rows}, m,

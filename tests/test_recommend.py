@@ -275,15 +275,15 @@ def test_killed_run_leaves_no_finished_looking_file(rec, tmp_path, monkeypatch):
   users = [str(u) for u in rec.user_ids[:40]]
   out = str(tmp_path / "recs.jsonl")
   calls = {"n": 0}
-  real_format = recommend.Recommender._format_rows
+  real_write = recommend.RowsWriter.write_block
 
   def dies_on_third_batch(self, *args):
     calls["n"] += 1
     if calls["n"] == 3:
       raise KeyboardInterrupt("killed")
-    return real_format(self, *args)
+    return real_write(self, *args)
 
-  monkeypatch.setattr(recommend.Recommender, "_format_rows", dies_on_third_batch)
+  monkeypatch.setattr(recommend.RowsWriter, "write_block", dies_on_third_batch)
   with pytest.raises(KeyboardInterrupt):
     small.write_topk(out, 5, users=users, progress=False)
   monkeypatch.undo()
@@ -449,3 +449,29 @@ def test_two_processes_write_one_shard_each(trained, all_rows, tmp_path):
   assert sorted(r["user"] for r in rows) == sorted(by_user)
   for r in rows:
     np.testing.assert_allclose(r["scores"], by_user[r["user"]]["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_parquet_file_holds_the_jsonl_rows(rec, tmp_path):
+  """A .parquet name writes the same rows as JSONL (ids, order, rounded scores, short rows)."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  small = copy.copy(rec)
+  small.batch_size = 8  # several row groups
+  users = [str(u) for u in rec.user_ids[:30]]
+  k = rec.n_items  # every item: with exclude_seen the rows run short (-inf entries dropped)
+  jsonl = small.write_topk(str(tmp_path / "recs.jsonl"), k, users=users, exclude_seen=True,
+                           progress=False)
+  parquet = small.write_topk(str(tmp_path / "recs.parquet"), k, users=users, exclude_seen=True,
+                             progress=False)
+  assert jsonl["rows"] == parquet["rows"] == 30
+  assert not os.path.exists(tmp_path / "recs.parquet.tmp")
+  with open(tmp_path / "recs.jsonl") as f:
+    want = [json.loads(line) for line in f]
+  table = pq.read_table(tmp_path / "recs.parquet")
+  assert table.column_names == ["user", "items", "scores"]
+  assert pq.ParquetFile(tmp_path / "recs.parquet").num_row_groups == 4  # 30 rows, 8 a block
+  got = table.to_pylist()
+  assert got == want
+  assert any(len(r["items"]) < k for r in got)  # the history was left out
+  again = small.write_topk(str(tmp_path / "recs.parquet"), k, users=users, exclude_seen=True,
+                           progress=False)
+  assert again["skipped"]
