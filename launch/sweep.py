@@ -6,7 +6,10 @@
 Each run is `launch/train.py` in its own process, in <workdir>/<run name>; runs whose results.json
 exists are skipped, so an interrupted sweep resumes (and each run resumes from its checkpoints).
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept key
-(test metric vs value).
+(test metric vs value). When the sweep has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`,
+every arm x 3 seeds), sweep_seeds.md and sweep_seeds.png give each arm's mean ± std over its
+finished seeds. A run that stops early (SIGTERM: checkpointed, no results.json) stops the sweep;
+the same command resumes it.
 
 `--mode benchmark` runs `launch/benchmark.py` instead of training (each run writes
 <run>/benchmark.json and is skipped when it exists) and tabulates and plots its speed figures:
@@ -29,6 +32,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List
 
+import numpy as np
 from absl import app
 from absl import flags
 
@@ -147,13 +151,79 @@ def write_tables(workdir: str, rows) -> None:
       f.write("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |\n")
 
 
+def group_name(overrides: Dict[str, Any]) -> str:
+  """The run name without its seed: the arm a seed run belongs to."""
+  return run_name({k: v for k, v in overrides.items() if k != "seed"})
+
+
+def seed_groups(rows, sweep, metrics) -> List[Dict[str, Any]]:
+  """Mean and std over seeds of each arm's finished runs (empty when no 'seed' is swept).
+
+  One row per arm (the overrides without 'seed', in sweep order): "n" finished seeds of
+  "seeds" and "test M" / "test M std" for each metric (population std, as the tables in
+  BENCHMARKS.md)."""
+  if not any("seed" in o for o in sweep):
+    return []
+  groups: Dict[str, Dict[str, Any]] = {}
+  for overrides, row in zip(sweep, rows):
+    g = groups.setdefault(group_name(overrides), {"arm": group_name(overrides), "runs": []})
+    g["runs"].append(row)
+  out = []
+  for g in groups.values():
+    done = [r for r in g["runs"] if f"test {metrics[0]}" in r]
+    row = {"arm": g["arm"], "n": len(done), "seeds": len(g["runs"])}
+    for m in metrics:
+      vals = np.array([r[f"test {m}"] for r in done], float)
+      row[f"test {m}"] = float(vals.mean()) if len(vals) else float("nan")
+      row[f"test {m} std"] = float(vals.std()) if len(vals) else float("nan")
+    out.append(row)
+  return out
+
+
+def write_seed_table(workdir: str, groups, metrics) -> None:
+  with open(os.path.join(workdir, "sweep_seeds.md"), "w") as f:
+    f.write("| arm | seeds done | " + " | ".join(f"test {m}" for m in metrics) + " |\n|" +
+            "---|" * (len(metrics) + 2) + "\n")
+    for g in groups:
+      cells = [(f"{g[f'test {m}']:.4f} ± {g[f'test {m} std']:.4f}" if g["n"] else "-")
+               for m in metrics]
+      f.write(f"| {g['arm']} | {g['n']}/{g['seeds']} | " + " | ".join(cells) + " |\n")
+
+
+def plot_seed_groups(workdir: str, groups, metrics) -> List[str]:
+  """Bars of each arm's mean test metric over seeds, with the seed std as error bars."""
+  groups = [g for g in groups if g["n"]]
+  if not groups:
+    return []
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 0.9 * len(groups) * len(metrics) / 2,
+                                                     3.6), squeeze=False)
+  x = np.arange(len(groups))
+  for ax, m in zip(axes[0], metrics):
+    means = [g[f"test {m}"] for g in groups]
+    ax.bar(x, means, yerr=[g[f"test {m} std"] for g in groups], capsize=3, color="tab:blue")
+    ax.set_xticks(x, [f"{g['arm']}\n(n={g['n']})" for g in groups], rotation=45, ha="right",
+                  fontsize=7)
+    ax.set_ylabel(f"test {m}")
+    lo = min(means)
+    ax.set_ylim(bottom=max(0.0, lo - 0.25 * (max(means) - lo + 1e-9) - 0.1 * lo))
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, "sweep_seeds.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
   """One PNG per swept numeric key: the metrics (test metrics in train mode, speed figures in
   benchmark mode) vs value, the other keys' settings as series."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = sorted({k for o in sweep for k in o})
+  keys = sorted({k for o in sweep for k in o} - {"seed"})  # seeds: see plot_seed_groups
   column = (lambda m: m) if mode == "benchmark" else (lambda m: f"test {m}")
   done = [r for r in rows if column(metrics[0]) in r]
   paths = []
@@ -215,10 +285,20 @@ def main(argv):
           flush=True)
     os.makedirs(os.path.join(workdir, name), exist_ok=True)
     subprocess.run(cmd, check=True)
+    if not os.path.exists(os.path.join(workdir, name, result_file(mode))):
+      # A training run stopped by SIGTERM/SIGINT checkpoints and exits 0 without results.json:
+      # stop the sweep too (relaunching resumes that run) instead of starting the next one.
+      print(f"{name} stopped before it finished; relaunch the same command to resume", flush=True)
+      break
   rows = collect(workdir, sweep, metrics, mode)
   write_tables(workdir, rows)
   pngs = plot(workdir, rows, sweep, metrics, mode)
   print(open(os.path.join(workdir, "sweep.md")).read())
+  groups = seed_groups(rows, sweep, metrics) if mode == "train" else []
+  if groups:
+    write_seed_table(workdir, groups, metrics)
+    pngs += plot_seed_groups(workdir, groups, metrics)
+    print(open(os.path.join(workdir, "sweep_seeds.md")).read())
   print("wrote", os.path.join(workdir, "sweep.csv"), *pngs)
 
 

@@ -89,6 +89,63 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def gru4rec_model() -> ml_collections.ConfigDict:
+  """GRU4Rec (RecBole-style: embedding 64, GRU 128, CE over all items)."""
+  m = ml_collections.ConfigDict()
+  m.name = "gru4rec"
+  m.hidden = 64  # item embedding / representation width
+  m.gru_hidden = 128  # GRU state width
+  m.n_layers = 1
+  m.dropout = 0.3  # embedding dropout
+  m.init_std = 0.02
+  m.vocab_pad_multiple = 64
+  m.dtype = "float32"
+  m.loss_positions = "last"
+  return m
+
+
+def bert4rec_model() -> ml_collections.ConfigDict:
+  """BERT4Rec, trained by the cloze task (mask 20%, the target always masked)."""
+  m = ml_collections.ConfigDict()
+  m.name = "bert4rec"
+  m.hidden = 64
+  m.n_layers = 2
+  m.n_heads = 2
+  m.inner = 256
+  m.dropout = 0.2  # hidden dropout
+  m.attn_dropout = 0.2  # attention-probability dropout
+  m.act = "gelu"
+  m.ln_eps = 1e-12
+  m.init_std = 0.02
+  m.vocab_pad_multiple = 64  # n_items + 2 rows (padding, items, [MASK]) rounded up
+  m.dtype = "float32"
+  m.mask_prob = 0.2  # cloze masking probability per item (the last one is always masked)
+  m.loss_positions = "last"  # unused by the cloze task; kept for the config validator
+  return m
+
+
+BACKBONES = ("sasrec", "gru4rec", "bert4rec")
+
+
+def set_backbone(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Swaps the sequence encoder of a config: sasrec (base_config's) | gru4rec | bert4rec.
+
+  BERT4Rec brings its own loss, the cloze task: it becomes the task (plain runs) or SRA-CL's
+  L_rec (`sracl.rec_task`, when the config has an `sracl` section).
+  """
+  if name == "sasrec":
+    return c
+  if name not in BACKBONES:
+    raise ValueError(f"unknown backbone {name!r}; known: {BACKBONES}")
+  c.model = gru4rec_model() if name == "gru4rec" else bert4rec_model()
+  if name == "bert4rec":
+    if "sracl" in c and c.task.name == "sracl":
+      c.sracl.rec_task = "cloze"
+    else:
+      c.task.name = "cloze"
+  return c
+
+
 def parse_arg(arg, known=("tiny",)) -> set:
   """'tiny' / 'tiny,foo' -> {'tiny', 'foo'}; checks against the known flags."""
   flags = {a.strip() for a in (arg or "").split(",") if a.strip()}

@@ -49,6 +49,13 @@ def default_sracl_config() -> ml_collections.ConfigDict:
   c.sub_prob = 0.2  # per-item substitution probability of L_IS views
   c.synth_dropout = 0.5  # dropout on the synthesizer's attention weights
   c.synth_gain = 1.414  # Xavier gain of the synthesizer's W and a
+  # The paper's ablations (its Table of variants):
+  #   synthesizer: learned (the method) | mean (the positive is the plain mean of the k
+  #     neighbours' representations: no attention, no dropout; W and a are kept but unused);
+  #   neighbours: semantic (the method) | random (both tables replaced by uniformly random OTHER
+  #     prefixes / items, drawn once from config.seed) | random_users | random_items (one table).
+  c.synthesizer = "learned"
+  c.neighbours = "semantic"
   c.semantic_dir = ""  # tables from launch/embed.py; "" = <workdir>/semantic (built if missing)
   c.semantic = default_semantic_config()
   return c
@@ -66,6 +73,28 @@ def shrink_sracl_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
+SYNTHESIZERS = ("learned", "mean")
+NEIGHBOURS = ("semantic", "random", "random_users", "random_items")
+
+
+def random_neighbours(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+  """[n, k] int32: for each row i, k distinct uniformly random indices in [0, n) other than i.
+  The random-retrieval ablation's stand-in for a neighbour table."""
+  if n < k + 1:
+    raise ValueError(f"random neighbours: {k} distinct others need at least {k + 1} rows, got {n}")
+  rows = np.arange(n)[:, None]
+  out = rng.integers(0, n - 1, size=(n, k))
+  out += out >= rows  # skip self: uniform over the n - 1 others
+  while True:  # redraw the rows that hold a repeat (rare unless n is close to k)
+    s = np.sort(out, axis=1)
+    bad = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+    if not len(bad):
+      break
+    redo = rng.integers(0, n - 1, size=(len(bad), k))
+    out[bad] = redo + (redo >= bad[:, None])
+  return out.astype(np.int32)
+
+
 class SRACLTask:
   """SRA-CL on any registered backbone encoder."""
 
@@ -79,6 +108,11 @@ class SRACLTask:
       raise ValueError(f"config.sracl.sub_prob={cfg.sub_prob} must be in [0, 1]")
     self.model = model
     self.cfg = cfg
+    if cfg.synthesizer not in SYNTHESIZERS:
+      raise ValueError(f"config.sracl.synthesizer={cfg.synthesizer!r}; expected one of "
+                       f"{SYNTHESIZERS}")
+    if cfg.neighbours not in NEIGHBOURS:
+      raise ValueError(f"config.sracl.neighbours={cfg.neighbours!r}; expected one of {NEIGHBOURS}")
     if cfg.rec_task == "sracl":
       raise ValueError("config.sracl.rec_task cannot be 'sracl'")
     base_config = config.copy_and_resolve_references()
@@ -110,15 +144,24 @@ class SRACLTask:
     self._user_start = split.dataset.offsets[:-1]
     self._prefix_emb = np.ascontiguousarray(tables.prefix_embeddings, np.float32)  # [n_train, S]
     self._prefix_nbrs = np.ascontiguousarray(tables.prefix_neighbours[:, :cfg.k])  # [n_train, k]
+    item_nbrs = np.ascontiguousarray(tables.item_neighbours[:, :cfg.semantic.k], np.int32)
+    if cfg.neighbours in ("random", "random_users"):
+      self._prefix_nbrs = random_neighbours(n_train, cfg.k, np.random.default_rng(
+          [config.seed, 1]))
+    if cfg.neighbours in ("random", "random_items"):
+      n_items = split.dataset.n_items
+      item_nbrs = np.zeros_like(item_nbrs)
+      item_nbrs[1:] = 1 + random_neighbours(n_items, item_nbrs.shape[1], np.random.default_rng(
+          [config.seed, 2]))
     self.sem_dim = self._prefix_emb.shape[1]
     self.synthesizer = Synthesizer(features=self.hidden, dropout=cfg.synth_dropout,
                                    gain=cfg.synth_gain)
     self.train_fields = dict(tasks.BASE_TRAIN_FIELDS, user_sem=2, nbr_inputs=3, nbr_sem=3)
-    self.consts = {"item_neighbours": np.ascontiguousarray(
-        tables.item_neighbours[:, :cfg.semantic.k], np.int32)}  # [n_items + 1, k_sem]
+    self.consts = {"item_neighbours": item_nbrs}  # [n_items + 1, k_sem]
     self.consts_axes = {"item_neighbours": (None, None)}
-    logging.info("SRA-CL: alpha=%g beta=%g k=%d, %d prefix vectors of dim %d from %s", cfg.alpha,
-                 cfg.beta, cfg.k, n_train, self.sem_dim, out_dir)
+    logging.info("SRA-CL: alpha=%g beta=%g k=%d synthesizer=%s neighbours=%s, %d prefix vectors "
+                 "of dim %d from %s", cfg.alpha, cfg.beta, cfg.k, cfg.synthesizer, cfg.neighbours,
+                 n_train, self.sem_dim, out_dir)
 
   def host_batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Adds the neighbour prefixes' input windows and the frozen semantic vectors."""
@@ -181,9 +224,12 @@ class SRACLTask:
       b, k, length = batch["nbr_inputs"].shape
       h_user = encode(batch["inputs"], rngs[1])  # [B, D]
       h_nbrs = encode(batch["nbr_inputs"].reshape(b * k, length), rngs[2]).reshape(b, k, -1)
-      positive = self.synthesizer.apply(
-          {"params": params["synthesizer"]}, batch["user_sem"], batch["nbr_sem"], h_nbrs,
-          train=True, rngs={"dropout": rngs[3]})  # [B, D]
+      if cfg.synthesizer == "mean":
+        positive = h_nbrs.mean(axis=1)  # [B, D]
+      else:
+        positive = self.synthesizer.apply(
+            {"params": params["synthesizer"]}, batch["user_sem"], batch["nbr_sem"], h_nbrs,
+            train=True, rngs={"dropout": rngs[3]})  # [B, D]
       cs_sum, cs_w = losses.nt_xent(h_user, positive, weights, cfg.temperature, cfg.similarity)
       user_cl = cs_sum / jnp.maximum(cs_w, 1.0)
       total = total + cfg.alpha * user_cl

@@ -131,6 +131,15 @@ def test_sracl_on_bert4rec_with_cloze_rec_term(toy, tmp_path):
   assert np.isfinite(results["test"]["NDCG@10"])
 
 
+def _task_params_batch(c, tmp_path):
+  """The task, its initial parameters (host) and the first training batch (device arrays)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  exp = loop.build_experiment(c, workdir=str(tmp_path))
+  host = exp.task.host_batch(next(exp.iterator))
+  return (exp.task, jax.device_get(exp.state.params),
+          {k: jnp.asarray(host[k]) for k in exp.task.train_fields})
+
+
 def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path):
   """The task's loss is the reference's composition of its encoder passes.
 
@@ -144,10 +153,7 @@ def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path):
   c = sracl_config(root, path, synth_dropout=0.0, alpha=0.3, beta=0.2)
   c.model.dropout = 0.0
   c.model.attn_dropout = 0.0
-  exp = loop.build_experiment(c, workdir=str(tmp_path))
-  task, params = exp.task, jax.device_get(exp.state.params)
-  host = task.host_batch(next(exp.iterator))
-  batch = {k: jnp.asarray(host[k]) for k in task.train_fields}
+  task, params, batch = _task_params_batch(c, tmp_path)
   consts = {k: jnp.asarray(v) for k, v in task.consts.items()}
   rng = jax.random.key(7)
   total_sum, weight_sum, metrics = task.loss(params, batch, consts, rng)
@@ -178,3 +184,79 @@ def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path):
   np.testing.assert_allclose(float(metrics["user_cl"]), user_cl, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["item_cl"]), item_cl, rtol=1e-5)
   np.testing.assert_allclose(float(total_sum) / w, want, rtol=1e-5)
+
+
+def test_mean_synthesizer_ablation_is_the_plain_neighbour_mean(toy, tmp_path):
+  """synthesizer="mean": L_CS contrasts the prefix with the unweighted mean of its neighbours."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sracl_jax import losses  # pylint: disable=g-import-not-at-top
+  root, path, _ = toy
+  c = sracl_config(root, path, synthesizer="mean", alpha=0.5, beta=0.0)
+  c.model.dropout = 0.0
+  c.model.attn_dropout = 0.0
+  task, params, batch = _task_params_batch(c, tmp_path)
+  _, _, metrics = task.loss(params, batch, {}, jax.random.key(3))
+  b, k, length = batch["nbr_inputs"].shape
+  encode = lambda x: np.asarray(task.model.apply({"params": params["backbone"]}, x, train=False))
+  h_nbrs = encode(batch["nbr_inputs"].reshape(b * k, length)).reshape(b, k, -1)
+  cs_sum, cs_w = losses.nt_xent(jnp.asarray(encode(batch["inputs"])),
+                                jnp.asarray(h_nbrs.sum(1) / k), batch["weights"],
+                                c.sracl.temperature, c.sracl.similarity)
+  np.testing.assert_allclose(float(metrics["user_cl"]), float(cs_sum) / max(float(cs_w), 1.0),
+                             rtol=1e-5)
+  # The learned synthesizer would give another value (its weights are not uniform).
+  positive = task.synthesizer.apply({"params": params["synthesizer"]}, batch["user_sem"],
+                                    batch["nbr_sem"], jnp.asarray(h_nbrs), train=False)
+  assert not np.allclose(np.asarray(positive), h_nbrs.mean(1), atol=1e-4)
+
+
+def test_random_neighbours_table():
+  from sracl_jax.task import random_neighbours  # pylint: disable=g-import-not-at-top
+  t = random_neighbours(50, 10, np.random.default_rng(0))
+  assert t.shape == (50, 10) and t.dtype == np.int32
+  assert t.min() >= 0 and t.max() < 50
+  assert not (t == np.arange(50)[:, None]).any()  # never itself
+  assert all(len(set(row)) == 10 for row in t)  # distinct within a row
+  # Nearly saturated (k = n - 1) still works: each row is every other index.
+  full = random_neighbours(6, 5, np.random.default_rng(1))
+  for i, row in enumerate(full):
+    assert sorted(row) == [j for j in range(6) if j != i]
+  # Uniform over the others: every index is drawn about equally often.
+  counts = np.bincount(random_neighbours(2000, 10, np.random.default_rng(2)).ravel(),
+                       minlength=2000)
+  assert counts.min() > 0 and counts.max() < 30  # mean 10
+  np.testing.assert_array_equal(random_neighbours(50, 10, np.random.default_rng(0)), t)
+  with pytest.raises(ValueError, match="at least 11 rows"):
+    random_neighbours(10, 10, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("mode", ["random", "random_users", "random_items"])
+def test_random_neighbour_ablations_replace_the_tables(toy, tmp_path, mode):
+  root, path, split = toy
+  sem = loop.build_experiment(sracl_config(root, path), workdir=str(tmp_path / "s")).task
+  c = sracl_config(root, path, neighbours=mode)
+  c.sracl.semantic_dir = str(tmp_path / "s" / "semantic")  # the same semantic tables
+  task = loop.build_experiment(c, workdir=str(tmp_path / "r")).task
+  # pylint: disable=protected-access
+  users_random = mode in ("random", "random_users")
+  items_random = mode in ("random", "random_items")
+  assert np.array_equal(task._prefix_nbrs, sem._prefix_nbrs) != users_random
+  assert np.array_equal(task.consts["item_neighbours"], sem.consts["item_neighbours"]) != items_random
+  n_train, n_items = len(split.train_targets), split.dataset.n_items
+  assert not (task._prefix_nbrs == np.arange(n_train)[:, None]).any()
+  items = task.consts["item_neighbours"]
+  assert (items[0] == 0).all() and items[1:].min() >= 1 and items[1:].max() <= n_items
+  assert not (items[1:] == np.arange(1, n_items + 1)[:, None]).any()
+  if items_random:
+    # Random retrieval ignores the semantic clusters (items i and i + 4 share one); the semantic
+    # table keeps mostly same-cluster neighbours.
+    same = lambda t: np.mean((t[1:] - np.arange(1, n_items + 1)[:, None]) % 4 == 0)
+    assert same(sem.consts["item_neighbours"]) > 0.9 and same(items) < 0.5
+
+
+def test_bad_ablation_setting_is_a_clear_error(toy, tmp_path):
+  root, path, _ = toy
+  with pytest.raises(ValueError, match="config.sracl.synthesizer='attn'"):
+    loop.build_experiment(sracl_config(root, path, synthesizer="attn"), workdir=str(tmp_path))
+  with pytest.raises(ValueError, match="config.sracl.neighbours='nearest'"):
+    loop.build_experiment(sracl_config(root, path, neighbours="nearest"), workdir=str(tmp_path))

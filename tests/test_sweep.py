@@ -1,9 +1,12 @@
 """launch/sweep.py: runs every override, skips finished runs, writes csv/md/png."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
+
+import pytest
 
 from config_files import ROOT, write_small_config  # pylint: disable=g-bad-import-order
 
@@ -62,3 +65,55 @@ def test_throughput_config_sweeps():
   path = os.path.join(ROOT, "configs", "sasrec", "throughput.py")
   assert sweep.load_sweep(path) == [{"train.batch_size": b} for b in (64, 128, 256, 512, 1024)]
   assert sweep.load_sweep(path + ":devices") == [{"mesh.num_devices": n} for n in (1, 2, 4, 8)]
+
+
+def test_seed_groups_average_each_arm_over_its_seeds(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep  # pylint: disable=g-import-not-at-top
+  plan = [{"sracl.alpha": 0.0, "seed": s} for s in (1, 2, 3)] + [{"seed": s} for s in (1, 2)]
+  rows = [{"run": sweep.run_name(o), **o} for o in plan]
+  for row, v in zip(rows, (0.1, 0.2, 0.3, 0.5, None)):
+    if v is not None:  # the last run has not finished
+      row.update({"test HR@10": v, "test NDCG@10": v / 2})
+  groups = sweep.seed_groups(rows, plan, ["HR@10", "NDCG@10"])
+  assert [g["arm"] for g in groups] == ["alpha=0.0", "default"]
+  assert [(g["n"], g["seeds"]) for g in groups] == [(3, 3), (1, 2)]
+  np = __import__("numpy")
+  assert groups[0]["test HR@10"] == pytest.approx(0.2)
+  assert groups[0]["test NDCG@10 std"] == pytest.approx(np.std([0.05, 0.1, 0.15]))
+  assert groups[1]["test HR@10"] == pytest.approx(0.5) and groups[1]["test HR@10 std"] == 0
+  sweep.write_seed_table(str(tmp_path), groups, ["HR@10", "NDCG@10"])
+  table = (tmp_path / "sweep_seeds.md").read_text()
+  assert "| alpha=0.0 | 3/3 | 0.2000 ± 0.0816 | 0.1000 ± 0.0408 |" in table
+  assert "| default | 1/2 | 0.5000 ± 0.0000 |" in table
+  assert sweep.plot_seed_groups(str(tmp_path), groups, ["HR@10"])
+  assert (tmp_path / "sweep_seeds.png").stat().st_size > 1000
+  assert sweep.seed_groups(rows, [{"sracl.alpha": 0.0}] * 5, ["HR@10"]) == []  # no seed key
+
+
+def test_sracl_config_flags_and_arm_sweeps():
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep  # pylint: disable=g-import-not-at-top
+  from sracl_jax import experiments  # pylint: disable=g-import-not-at-top
+  for name in ("beauty", "toys", "ml100k"):
+    path = os.path.join(ROOT, "configs", "sracl", f"{name}.py")
+    arms = sweep.load_sweep(path + ":items,ablation")
+    assert len(arms) == 6 * 3 and {a["seed"] for a in arms} == {2024, 2025, 2026}
+    assert {sweep.group_name(a) for a in arms} == {
+        "default", "alpha=0.0_beta=0.0", "alpha=0.0", "beta=0.0", "synthesizer=mean",
+        "neighbours=random"}
+    assert len({sweep.run_name(a) for a in arms}) == 18  # one workdir per run
+    assert sweep.load_sweep(path + ":compare") == experiments.arm_sweep(["sracl", "wo_cl"])
+    gru = sweep.load_sweep(path + ":gru4rec,seeds")
+    assert gru == [{"seed": s} for s in (2024, 2025, 2026)]
+  spec = importlib.util.spec_from_file_location("b", os.path.join(ROOT, "configs", "sracl",
+                                                                  "beauty.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("items,bert4rec")
+  assert c.model.name == "bert4rec" and c.sracl.rec_task == "cloze" and c.task.name == "sracl"
+  assert c.sracl.semantic.user_mode == "items"
+  assert mod.get_config("gru4rec").model.name == "gru4rec"
+  assert mod.get_config().sracl.semantic.user_mode == "prefix"
+  with pytest.raises(ValueError, match="unknown SRA-CL arm"):
+    experiments.arm_sweep(["sracl", "w/o_everything"])

@@ -3,28 +3,7 @@
   python launch/train.py --config configs/bert4rec/ml100k.py --workdir ~/runs/bert4rec_ml100k
 """
 
-import ml_collections
-
-from seqrec_jax.default_config import base_config, parse_arg, shrink_to_tiny
-
-
-def bert4rec_model() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
-  m.name = "bert4rec"
-  m.hidden = 64
-  m.n_layers = 2
-  m.n_heads = 2
-  m.inner = 256
-  m.dropout = 0.2  # hidden dropout
-  m.attn_dropout = 0.2  # attention-probability dropout
-  m.act = "gelu"
-  m.ln_eps = 1e-12
-  m.init_std = 0.02
-  m.vocab_pad_multiple = 64  # n_items + 2 rows (padding, items, [MASK]) rounded up
-  m.dtype = "float32"
-  m.mask_prob = 0.2  # cloze masking probability per item (the last one is always masked)
-  m.loss_positions = "last"  # unused by the cloze task; kept for the config validator
-  return m
+from seqrec_jax.default_config import base_config, bert4rec_model, parse_arg, shrink_to_tiny
 
 
 def get_config(arg=None):

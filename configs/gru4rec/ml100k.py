@@ -3,23 +3,7 @@
   python launch/train.py --config configs/gru4rec/ml100k.py --workdir ~/runs/gru4rec_ml100k
 """
 
-import ml_collections
-
-from seqrec_jax.default_config import base_config, parse_arg, shrink_to_tiny
-
-
-def gru4rec_model() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
-  m.name = "gru4rec"
-  m.hidden = 64  # item embedding / representation width
-  m.gru_hidden = 128  # GRU state width
-  m.n_layers = 1
-  m.dropout = 0.3  # embedding dropout
-  m.init_std = 0.02
-  m.vocab_pad_multiple = 64
-  m.dtype = "float32"
-  m.loss_positions = "last"
-  return m
+from seqrec_jax.default_config import base_config, gru4rec_model, parse_arg, shrink_to_tiny
 
 
 def get_config(arg=None):
