@@ -437,3 +437,20 @@ def test_llm_texts_with_a_fake_client(tmp_path, monkeypatch):
               ds.items[max(t + 1 - len(ids), 0):t + 1].tolist() == ids]
       assert ends, (item, seq)
   assert "red lipstick" in asked["item summaries"][0] and "[None]" not in asked["item summaries"][0]
+
+
+@needs_minilm
+def test_time_prefix_texts_projects_the_faithful_mode(tmp_path):
+  split = leave_one_out(_dataset())
+  out = pipeline.time_prefix_texts(split, _cfg(), 10, seed=3, progress=False)
+  assert out["sample"] == 10 and out["n_train"] == split.n_train
+  assert 0 < out["tokens_mean"] <= out["tokens_max"] <= out["max_seq_length"] == 32
+  for name in ("first_pass", "steady"):
+    assert out[f"{name}_texts_per_second"] == pytest.approx(10 / out[f"{name}_seconds"])
+  assert out["projected_seconds_all_prefixes"] == pytest.approx(
+      split.n_train / out["steady_texts_per_second"])
+  # A sample larger than the split is the whole split; none is an error.
+  assert pipeline.time_prefix_texts(split, _cfg(), 10 ** 6, progress=False)["sample"] == (
+      split.n_train)
+  with pytest.raises(ValueError, match="n_sample must be >= 1"):
+    pipeline.time_prefix_texts(split, _cfg(), 0)

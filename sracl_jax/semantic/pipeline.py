@@ -673,6 +673,51 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   return tables
 
 
+def time_prefix_texts(split: Any, cfg: Any, n_sample: int, *, seed: int = 0,
+                      progress: bool = True) -> Dict[str, Any]:
+  """Times the faithful user mode (one template text per training prefix) on a random sample.
+
+  Builds the texts of `n_sample` training prefixes drawn without replacement, encodes them twice
+  with the configured encoder (the first pass includes compiling each length bucket; the second
+  is the steady rate) and extrapolates both to every prefix of the split. Offline template texts
+  only (an LLM pass would add its own request time).
+
+  Returns:
+    JSON-able: sample size, token counts, seconds and texts/s of both passes, and the projected
+    seconds for all `split.n_train` prefixes at the steady rate.
+  """
+  opts = resolve_config(cfg)
+  ds = split.dataset
+  n = min(int(n_sample), split.n_train)
+  if n < 1:
+    raise ValueError(f"time_prefix_texts: n_sample must be >= 1, got {n_sample}")
+  rows = np.sort(np.random.default_rng(seed).choice(split.n_train, n, replace=False))
+  starts, ends, _ = _user_windows(split, "prefix")
+  titles = history_titles(ds, starts[rows], ends[rows], int(opts["max_history_items"]))
+  texts = llm.summarise_users(titles, opts["domain"], client=None,
+                              max_items=int(opts["max_history_items"]))
+  encoder = _encoder(opts["encoder"], int(opts["max_seq_length"]), opts["encode_dtype"])
+  ids, _ = encoder.tokenize(texts)
+  lengths = np.array([min(len(t), encoder.max_seq_length) for t in ids])
+  out: Dict[str, Any] = dict(
+      dataset=ds.name, n_train=int(split.n_train), sample=n, seed=seed,
+      max_history_items=int(opts["max_history_items"]), max_seq_length=encoder.max_seq_length,
+      batch_size=int(opts["encode_batch_size"]), dtype=opts["encode_dtype"],
+      tokens_mean=float(lengths.mean()), tokens_max=int(lengths.max()),
+      truncated_fraction=float(np.mean([len(t) > encoder.max_seq_length for t in ids])))
+  for name in ("first_pass", "steady"):
+    t0 = time.perf_counter()
+    encoder.encode(texts, batch_size=int(opts["encode_batch_size"]), show_progress=progress)
+    sec = time.perf_counter() - t0
+    out[f"{name}_seconds"] = sec
+    out[f"{name}_texts_per_second"] = n / sec
+  out["projected_seconds_all_prefixes"] = split.n_train / out["steady_texts_per_second"]
+  logging.info("faithful prefix texts on %d of %d prefixes: %.1f texts/s steady (%.0f tokens "
+               "mean); all prefixes ~%.0f s", n, split.n_train, out["steady_texts_per_second"],
+               out["tokens_mean"], out["projected_seconds_all_prefixes"])
+  return out
+
+
 def format_summary(tables: SemanticTables) -> str:
   """A few lines describing the tables (shapes, text sources, speed, recall)."""
   s = tables.stats
