@@ -23,6 +23,17 @@ def test_benchmark_reports(tmp_path, config, key):
   report = json.loads(out.read_text())["ours"]
   assert report[key] > 0
   assert report["step_seconds_median"] > 0
+  # Throughput comes from the pipelined windows (3 by default), latency from single steps.
+  windows = report["step_seconds_pipelined_windows"]
+  assert len(windows) == 3 and all(w > 0 for w in windows)
+  assert report["step_seconds_pipelined"] == pytest.approx(sorted(windows)[1])
+  per_step = (report["batch_size"] * report["max_tokens"] if "max_tokens" in report
+              else report["batch_size"])
+  rate = report.get("train_sequences_per_second", report.get("train_tokens_per_second"))
+  if "max_tokens" not in report:
+    assert rate == pytest.approx(per_step / report["step_seconds_pipelined"])
+  else:
+    assert rate >= per_step / report["step_seconds_pipelined"]  # + item-only tokens
   assert report["achieved_model_flops_per_second"] > 0
   # The fraction is model FLOP/s over the matmul peak measured in the same run.
   assert report["fraction_of_matmul_peak"] == pytest.approx(

@@ -445,6 +445,9 @@ def test_time_prefix_texts_projects_the_faithful_mode(tmp_path):
   out = pipeline.time_prefix_texts(split, _cfg(), 10, seed=3, progress=False)
   assert out["sample"] == 10 and out["n_train"] == split.n_train
   assert 0 < out["tokens_mean"] <= out["tokens_max"] <= out["max_seq_length"] == 32
+  short = pipeline.time_prefix_texts(split, _cfg(max_seq_length=8), 10, seed=3, progress=False)
+  assert short["tokens_max"] == 8 and short["truncated_fraction"] > 0.5  # 8 tokens cut most
+  assert out["truncated_fraction"] < short["truncated_fraction"]
   for name in ("first_pass", "steady"):
     assert out[f"{name}_texts_per_second"] == pytest.approx(10 / out[f"{name}_seconds"])
   assert out["projected_seconds_all_prefixes"] == pytest.approx(

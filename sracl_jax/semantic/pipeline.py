@@ -697,14 +697,14 @@ def time_prefix_texts(split: Any, cfg: Any, n_sample: int, *, seed: int = 0,
   texts = llm.summarise_users(titles, opts["domain"], client=None,
                               max_items=int(opts["max_history_items"]))
   encoder = _encoder(opts["encoder"], int(opts["max_seq_length"]), opts["encode_dtype"])
-  ids, _ = encoder.tokenize(texts)
-  lengths = np.array([min(len(t), encoder.max_seq_length) for t in ids])
+  raw = np.array([len(e.ids) for e in encoder.tokenizer.encode_batch(list(texts))])  # untruncated
+  lengths = np.minimum(raw, encoder.max_seq_length)
   out: Dict[str, Any] = dict(
       dataset=ds.name, n_train=int(split.n_train), sample=n, seed=seed,
       max_history_items=int(opts["max_history_items"]), max_seq_length=encoder.max_seq_length,
       batch_size=int(opts["encode_batch_size"]), dtype=opts["encode_dtype"],
       tokens_mean=float(lengths.mean()), tokens_max=int(lengths.max()),
-      truncated_fraction=float(np.mean([len(t) > encoder.max_seq_length for t in ids])))
+      truncated_fraction=float(np.mean(raw > encoder.max_seq_length)))
   for name in ("first_pass", "steady"):
     t0 = time.perf_counter()
     encoder.encode(texts, batch_size=int(opts["encode_batch_size"]), show_progress=progress)
