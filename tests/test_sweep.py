@@ -117,3 +117,29 @@ def test_sracl_config_flags_and_arm_sweeps():
   assert mod.get_config().sracl.semantic.user_mode == "prefix"
   with pytest.raises(ValueError, match="unknown SRA-CL arm"):
     experiments.arm_sweep(["sracl", "w/o_everything"])
+
+
+def test_sweep_stops_after_a_preempted_run_and_resumes(tmp_path):
+  """A run that exits 0 without results.json (preempted, checkpointed) ends the sweep there; the
+  same command then resumes it and goes on."""
+  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
+  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
+  cfg = tmp_path / "toy_sweep.py"
+  write_small_config(cfg, data, 10, 5, "c.checkpoint.async_save = False",
+                     sweep='[{"seed": s} for s in (1, 2)]')
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
+         f"--workdir={tmp_path / 'sweep'}"]
+  first = subprocess.run(cmd + ["--override=--config.train.stop_at_step=5"], capture_output=True,
+                         text=True, env=env, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "seed=1 stopped before it finished" in first.stdout
+  assert not (tmp_path / "sweep" / "seed=2").exists()  # the next run was not started
+  second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert (tmp_path / "sweep" / "seed=1" / "results.json").exists()
+  assert (tmp_path / "sweep" / "seed=2" / "results.json").exists()
+  assert "resumed from step 5" in second.stderr  # seed=1 went on from its checkpoint
+  seeds_table = (tmp_path / "sweep" / "sweep_seeds.md").read_text()
+  assert "| default | 2/2 |" in seeds_table
