@@ -41,6 +41,10 @@ _WINDOWS = flags.DEFINE_integer(
     "training loop runs them (the host builds the next batch while the device computes), blocked "
     "at each window's end; the median window gives the training throughput figures.")
 _EVAL_REPEATS = flags.DEFINE_integer("eval_repeats", 3, "Timed passes over all test users.")
+_PEAK_DTYPE = flags.DEFINE_enum("peak_dtype", "float32", ["float32", "bfloat16"],
+                                "dtype of the matmul whose speed is the peak (the MFU denominator); "
+                                "bfloat16 for a bf16 model on an accelerator.")
+_PEAK_N = flags.DEFINE_integer("peak_n", 2048, "Size n of the n x n x n peak matmul (8192 on a GPU).")
 _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", None,
                                    "Python of the RecBole peer venv; if set, time the peer too.")
@@ -66,9 +70,9 @@ def _median_time(fn, repeats):
   return float(np.median(times)), times
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  """Median float32 FLOP/s of an n x n x n matmul on the default device."""
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak_flops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+  """Median FLOP/s of an n x n x n matmul of `dtype` on the default device (random inputs)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   med, _ = _median_time(lambda: f(a, a).block_until_ready(), repeats)
@@ -256,9 +260,10 @@ def benchmark_sracl_reference(python: str, batches: int, threads: int, out_dir: 
 def main(argv):
   del argv
   config = _CONFIG.value
-  peak = matmul_peak_flops()
+  peak = matmul_peak_flops(_PEAK_N.value, dtype=_PEAK_DTYPE.value)
   ours = benchmark_calrec(config) if config.task.name == "calrec" else benchmark_ours(config)
   ours["matmul_peak_flops_per_second"] = peak
+  ours["matmul_peak_shape_dtype"] = f"{_PEAK_N.value}^3 {_PEAK_DTYPE.value}"
   ours["fraction_of_matmul_peak"] = ours["achieved_model_flops_per_second"] / peak
   report = {
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -5,6 +5,8 @@
 
 Each run is `launch/train.py` in its own process, in <workdir>/<run name>; runs whose results.json
 exists are skipped, so an interrupted sweep resumes (and each run resumes from its checkpoints).
+`--parallel N` runs N at once (small models sharing one GPU); `--tabulate_only` starts nothing and
+tabulates the finished runs.
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept key
 (test metric vs value). When the sweep has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`,
 every arm x 3 seeds), sweep_seeds.md and sweep_seeds.png give each arm's mean ± std over its
@@ -30,6 +32,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from typing import Any, Dict, List
 
 import numpy as np
@@ -53,6 +56,12 @@ _BENCH_ARGS = flags.DEFINE_multi_string(
     "benchmark mode: flags passed to launch/benchmark.py (repeat the flag for several).")
 BENCHMARK_METRICS = ("train_sequences_per_second", "step_seconds_median", "eval_users_per_second",
                      "fraction_of_matmul_peak")
+_PARALLEL = flags.DEFINE_integer(
+    "parallel", 1, "Runs at once (train mode). >1 shares one accelerator between small runs (e.g. "
+    "6 SRA-CL Beauty runs on one H100); each run's output goes to <run>/train.log and JAX's GPU "
+    "memory preallocation is switched off (XLA_PYTHON_CLIENT_PREALLOCATE=false) unless set.")
+_TABULATE = flags.DEFINE_bool("tabulate_only", False,
+                              "Start nothing: tabulate and plot the runs that have finished.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -257,6 +266,68 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
   return paths
 
 
+def run_serially(todo, n_total: int, workdir: str, mode: str) -> None:
+  """One run after another, output to the terminal; stops after a preempted run."""
+  for i, name, cmd in todo:
+    print(f"[{i + 1}/{n_total}] {name}: {'benchmarking' if mode == 'benchmark' else 'training'}",
+          flush=True)
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
+    subprocess.run(cmd, check=True)
+    if not os.path.exists(os.path.join(workdir, name, result_file(mode))):
+      # A training run stopped by SIGTERM/SIGINT checkpoints and exits 0 without results.json:
+      # stop the sweep too (relaunching resumes that run) instead of starting the next one.
+      print(f"{name} stopped before it finished; relaunch the same command to resume", flush=True)
+      break
+
+
+def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
+  """Up to `parallel` training runs at once, each logging to <run>/train.log.
+
+  A run that fails or stops without results.json (preempted) stops new launches; the runs in
+  flight finish (a SIGTERM to the sweep reaches them too: they checkpoint and exit), and a failure
+  is raised once they have.
+  """
+  env = dict(os.environ)
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  pending, active, failed, stop = list(todo), [], [], False
+  try:
+    while active or (pending and not stop):
+      while pending and not stop and len(active) < parallel:
+        i, name, cmd = pending.pop(0)
+        run_dir = os.path.join(workdir, name)
+        os.makedirs(run_dir, exist_ok=True)
+        log = open(os.path.join(run_dir, "train.log"), "a")
+        active.append((i, name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=env), log, time.time()))
+        print(f"[{i + 1}/{n_total}] {name}: training ({len(active)} running; log "
+              f"{os.path.join(run_dir, 'train.log')})", flush=True)
+      time.sleep(0.5)
+      for run in list(active):
+        i, name, proc, log, t0 = run
+        if proc.poll() is None:
+          continue
+        active.remove(run)
+        log.close()
+        done = os.path.exists(os.path.join(workdir, name, "results.json"))
+        state = "finished" if done else (f"failed (exit {proc.returncode})" if proc.returncode
+                                         else "stopped before it finished")
+        print(f"[{i + 1}/{n_total}] {name}: {state} after {time.time() - t0:.0f} s", flush=True)
+        if not done:
+          stop = True
+          if proc.returncode:
+            failed.append(name)
+  except KeyboardInterrupt:
+    for _, _, proc, _, _ in active:
+      proc.terminate()  # each run checkpoints on SIGTERM
+    for _, _, proc, _, _ in active:
+      proc.wait()
+    raise
+  if pending and stop:
+    print(f"{len(pending)} runs not started; relaunch the same command to resume", flush=True)
+  if failed:
+    raise RuntimeError(f"sweep runs failed: {failed} (see their train.log)")
+
+
 def main(argv):
   del argv
   sweep = load_sweep(_CONFIG.value)
@@ -276,20 +347,22 @@ def main(argv):
     for _, cmd in commands:
       print(" ".join(shlex.quote(c) for c in cmd))
     return
+  todo = []
   for i, (overrides, cmd) in enumerate(commands):
     name = run_name(overrides)
     if os.path.exists(os.path.join(workdir, name, result_file(mode))):
       print(f"[{i + 1}/{len(commands)}] {name}: done, skipped", flush=True)
-      continue
-    print(f"[{i + 1}/{len(commands)}] {name}: {'benchmarking' if mode == 'benchmark' else 'training'}",
-          flush=True)
-    os.makedirs(os.path.join(workdir, name), exist_ok=True)
-    subprocess.run(cmd, check=True)
-    if not os.path.exists(os.path.join(workdir, name, result_file(mode))):
-      # A training run stopped by SIGTERM/SIGINT checkpoints and exits 0 without results.json:
-      # stop the sweep too (relaunching resumes that run) instead of starting the next one.
-      print(f"{name} stopped before it finished; relaunch the same command to resume", flush=True)
-      break
+    elif not _TABULATE.value:
+      todo.append((i, name, cmd))
+  if _PARALLEL.value < 1:
+    raise app.UsageError(f"--parallel={_PARALLEL.value} must be >= 1")
+  if _PARALLEL.value > 1 and mode != "train":
+    raise app.UsageError("--parallel > 1 is for training sweeps: concurrent benchmarks would time "
+                         "each other")
+  if _PARALLEL.value == 1:
+    run_serially(todo, len(commands), workdir, mode)
+  else:
+    run_concurrently(todo, len(commands), workdir, _PARALLEL.value)
   rows = collect(workdir, sweep, metrics, mode)
   write_tables(workdir, rows)
   pngs = plot(workdir, rows, sweep, metrics, mode)

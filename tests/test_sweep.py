@@ -143,3 +143,37 @@ def test_sweep_stops_after_a_preempted_run_and_resumes(tmp_path):
   assert "resumed from step 5" in second.stderr  # seed=1 went on from its checkpoint
   seeds_table = (tmp_path / "sweep" / "sweep_seeds.md").read_text()
   assert "| default | 2/2 |" in seeds_table
+
+
+def test_parallel_runs_share_the_machine_and_tabulate_only_starts_nothing(tmp_path):
+  """--parallel 2 over three seeds: all three finish (the third starts when a slot frees), each
+  logging to its own train.log; --tabulate_only then starts nothing; --parallel in benchmark
+  mode is refused."""
+  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
+  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
+  cfg = tmp_path / "toy_sweep.py"
+  write_small_config(cfg, data, 10, 5, "c.checkpoint.async_save = False",
+                     sweep='[{"seed": s} for s in (1, 2, 3)]')
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
+         f"--workdir={sweep_dir}"]
+  first = subprocess.run(cmd + ["--parallel=2"], capture_output=True, text=True, env=env,
+                         timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert first.stdout.count(": finished after") == 3
+  assert "(2 running;" in first.stdout  # two at once
+  for s in (1, 2, 3):
+    assert (sweep_dir / f"seed={s}" / "results.json").exists()
+    assert "results" in (sweep_dir / f"seed={s}" / "train.log").read_text()
+  assert "| default | 3/3 |" in (sweep_dir / "sweep_seeds.md").read_text()
+  (sweep_dir / "seed=3" / "results.json").unlink()
+  tab = subprocess.run(cmd + ["--tabulate_only"], capture_output=True, text=True, env=env,
+                       timeout=600)
+  assert tab.returncode == 0, tab.stderr[-3000:]
+  assert not (sweep_dir / "seed=3" / "results.json").exists()  # nothing was started
+  assert "| default | 2/3 |" in (sweep_dir / "sweep_seeds.md").read_text()
+  bad = subprocess.run(cmd + ["--parallel=2", "--mode=benchmark"], capture_output=True, text=True,
+                       env=env, timeout=600)
+  assert bad.returncode != 0 and "--parallel > 1 is for training sweeps" in bad.stderr

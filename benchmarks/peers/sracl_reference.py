@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Peer timing: the public PyTorch reference implementation of SRA-CL, on CPU.
+"""Peer timing: the public PyTorch reference implementation of SRA-CL, on CPU (or a GPU).
 
 Run with the peer venv (never the project's):
 
     /work/peers-venv/bin/python benchmarks/peers/sracl_reference.py --threads 2 \
         --out /work/runs/peers/sracl_reference_beauty_timing.json
+
+On a GPU (`--device cuda`) the reference runs as its train.sh says (no `.cuda()` shims) and the
+GPU is synchronised at each batch boundary.
 
 No reference code lives in this repository. At run time this script
 
@@ -206,8 +209,9 @@ class _TimedLoader:
     work for the batch and the whole body of train_epoch's loop.
     """
 
-    def __init__(self, loader, n, on_batch_start=None):
+    def __init__(self, loader, n, on_batch_start=None, sync=None):
         self.loader, self.n, self.on_batch_start = loader, n, on_batch_start
+        self.sync = sync or (lambda: None)  # torch.cuda.synchronize on a GPU
         self.dataset = loader.dataset
         self.fetch_s, self.total_s = [], []
 
@@ -218,6 +222,7 @@ class _TimedLoader:
         it = iter(self.loader)
         prev = None
         for i in range(self.n):
+            self.sync()
             t0 = time.perf_counter()
             if prev is not None:
                 self.total_s.append(t0 - prev)
@@ -227,6 +232,7 @@ class _TimedLoader:
             self.fetch_s.append(time.perf_counter() - t0)
             prev = t0
             yield batch
+        self.sync()
         self.total_s.append(time.perf_counter() - prev)
 
 
@@ -253,6 +259,9 @@ def main():
     ap.add_argument("--seed", type=int, default=2024, help="seed of the random stand-in embeddings")
     ap.add_argument("--recompute_user_knn", action="store_true",
                     help="run the reference's user neighbour search even if a cached result exists")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: .cuda() calls shimmed to identity and train.sh's --device switched to "
+                         "cpu; cuda: the reference runs as its train.sh says, on the GPU, no shims")
     ap.add_argument("--out", help="JSON report")
     a = ap.parse_args()
     if a.warmup < 1 or a.batches < 1:
@@ -270,11 +279,14 @@ def main():
 
     # ---- shims (monkeypatches only) -------------------------------------------------
     shims = []
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
-    shims.append("torch.Tensor.cuda -> identity (main.py: torch.load(user emb).cuda(); "
-                 "utils.compute_cosine_similarity_batch: batch/.t() .cuda())")
-    shims.append("torch.nn.Module.cuda -> identity (defensive; the reference moves its model with .to(device))")
+    if a.device == "cpu":
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+        shims.append("torch.Tensor.cuda -> identity (main.py: torch.load(user emb).cuda(); "
+                     "utils.compute_cosine_similarity_batch: batch/.t() .cuda())")
+        shims.append("torch.nn.Module.cuda -> identity (defensive; the reference moves its model with .to(device))")
+    elif not torch.cuda.is_available():
+        ap.error("--device=cuda but torch sees no GPU")
 
     torch.set_num_threads(a.setup_threads)
     sys.path.insert(0, code_dir)
@@ -292,9 +304,9 @@ def main():
     os.makedirs(run_dir)
     argv = []
     for t in sh_args:
-        if t.startswith("--device="):
-            shims.append(f"train.sh {t} -> --device=cpu")
-            t = "--device=cpu"
+        if t.startswith("--device=") and t != f"--device={a.device}":
+            shims.append(f"train.sh {t} -> --device={a.device}")
+            t = f"--device={a.device}"
         argv.append(t)
     argv += [f"--{k}={v}" for k, v in paths.items()]
     argv += [f"--user_sorted_indices_file={os.path.join(run_dir, 'user_sorted_indices.npy')}",
@@ -349,7 +361,8 @@ def main():
             if i == 1:
                 handle.remove()  # counted over the first warm-up batch only
 
-        loader = _TimedLoader(train_data, a.warmup + a.batches, on_batch_start)
+        sync = torch.cuda.synchronize if a.device == "cuda" else None
+        loader = _TimedLoader(train_data, a.warmup + a.batches, on_batch_start, sync)
         losses = orig_train_epoch(args, model, loader, optimizer, epoch_idx, *rest, **kw)
         handle.remove()
         result.update(args=args, model=model, loader=loader, train_data=train_data,
@@ -418,6 +431,8 @@ def main():
         "python": platform.python_version(),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "threads": a.threads,
+        "device": a.device,
+        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
         "torch_num_threads_during_timing": torch.get_num_threads(),
         "setup_threads": a.setup_threads,
         "batch_size": batch,
