@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -283,16 +284,28 @@ def run_serially(todo, n_total: int, workdir: str, mode: str) -> None:
 def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
   """Up to `parallel` training runs at once, each logging to <run>/train.log.
 
-  A run that fails or stops without results.json (preempted) stops new launches; the runs in
-  flight finish (a SIGTERM to the sweep reaches them too: they checkpoint and exit), and a failure
-  is raised once they have.
+  A run that fails or stops without results.json (preempted) stops new launches, and the runs
+  in flight finish. SIGTERM or SIGINT to the sweep is passed on to the runs in flight as SIGTERM:
+  each checkpoints and exits, and the same command resumes them. A run that fails for another
+  reason is raised once the others have ended.
   """
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  pending, active, failed, stop = list(todo), [], [], False
+  pending, active, failed = list(todo), [], []
+  state = {"stop": False, "signalled": False}
+
+  def on_signal(signum, _frame):
+    print(f"sweep: signal {signum}; stopping the {len(active)} runs in flight (they checkpoint)",
+          flush=True)
+    state["stop"] = state["signalled"] = True
+    for _, _, proc, _, _ in active:
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
-    while active or (pending and not stop):
-      while pending and not stop and len(active) < parallel:
+    while active or (pending and not state["stop"]):
+      while pending and not state["stop"] and len(active) < parallel:
         i, name, cmd = pending.pop(0)
         run_dir = os.path.join(workdir, name)
         os.makedirs(run_dir, exist_ok=True)
@@ -309,20 +322,20 @@ def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
         active.remove(run)
         log.close()
         done = os.path.exists(os.path.join(workdir, name, "results.json"))
-        state = "finished" if done else (f"failed (exit {proc.returncode})" if proc.returncode
-                                         else "stopped before it finished")
-        print(f"[{i + 1}/{n_total}] {name}: {state} after {time.time() - t0:.0f} s", flush=True)
+        if done:
+          how = "finished"
+        elif proc.returncode and not state["signalled"]:
+          how = f"failed (exit {proc.returncode})"
+          failed.append(name)
+        else:
+          how = "stopped before it finished"
+        print(f"[{i + 1}/{n_total}] {name}: {how} after {time.time() - t0:.0f} s", flush=True)
         if not done:
-          stop = True
-          if proc.returncode:
-            failed.append(name)
-  except KeyboardInterrupt:
-    for _, _, proc, _, _ in active:
-      proc.terminate()  # each run checkpoints on SIGTERM
-    for _, _, proc, _, _ in active:
-      proc.wait()
-    raise
-  if pending and stop:
+          state["stop"] = True
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  if state["stop"] and (pending or state["signalled"]):
     print(f"{len(pending)} runs not started; relaunch the same command to resume", flush=True)
   if failed:
     raise RuntimeError(f"sweep runs failed: {failed} (see their train.log)")

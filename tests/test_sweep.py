@@ -177,3 +177,41 @@ def test_parallel_runs_share_the_machine_and_tabulate_only_starts_nothing(tmp_pa
   bad = subprocess.run(cmd + ["--parallel=2", "--mode=benchmark"], capture_output=True, text=True,
                        env=env, timeout=600)
   assert bad.returncode != 0 and "--parallel > 1 is for training sweeps" in bad.stderr
+
+
+def test_parallel_sweep_passes_sigterm_to_its_runs_and_resumes(tmp_path):
+  """SIGTERM to a --parallel sweep reaches the runs in flight: they checkpoint, the sweep exits 0
+  without starting the rest, and the same command resumes them from their checkpoints."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
+  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
+  cfg = tmp_path / "toy_sweep.py"
+  write_small_config(cfg, data, 100000, 50, "c.checkpoint.async_save = False",
+                     "c.train.patience = 0", sweep='[{"seed": s} for s in (1, 2, 3)]')
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
+         f"--workdir={sweep_dir}", "--parallel=2"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env)
+  logs = [sweep_dir / f"seed={s}" / "train.log" for s in (1, 2)]
+  deadline = time.time() + 300
+  while time.time() < deadline and not all(
+      p.exists() and "valid" in p.read_text() for p in logs):  # both are past an evaluation
+    time.sleep(1)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert out.count("stopped before it finished") == 2, out[-3000:]
+  assert "1 runs not started" in out
+  assert not (sweep_dir / "seed=3").exists()
+  for p in logs:
+    assert "relaunch the same command to resume" in p.read_text()  # each checkpointed on SIGTERM
+  again = subprocess.run(cmd + ["--override=--config.train.num_steps=60"], capture_output=True,
+                         text=True, env=env, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  for s in (1, 2, 3):
+    assert (sweep_dir / f"seed={s}" / "results.json").exists()
+  assert all("resumed from step" in p.read_text() for p in logs)
