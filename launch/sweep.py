@@ -321,7 +321,7 @@ def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
           continue
         active.remove(run)
         log.close()
-        done = os.path.exists(os.path.join(workdir, name, "results.json"))
+        done = os.path.exists(os.path.join(workdir, name, result_file("train")))
         if done:
           how = "finished"
         elif proc.returncode and not state["signalled"]:
@@ -360,6 +360,11 @@ def main(argv):
     for _, cmd in commands:
       print(" ".join(shlex.quote(c) for c in cmd))
     return
+  if _PARALLEL.value < 1:
+    raise app.UsageError(f"--parallel={_PARALLEL.value} must be >= 1")
+  if _PARALLEL.value > 1 and mode != "train":
+    raise app.UsageError("--parallel > 1 is for training sweeps: concurrent benchmarks would time "
+                         "each other")
   todo = []
   for i, (overrides, cmd) in enumerate(commands):
     name = run_name(overrides)
@@ -367,11 +372,6 @@ def main(argv):
       print(f"[{i + 1}/{len(commands)}] {name}: done, skipped", flush=True)
     elif not _TABULATE.value:
       todo.append((i, name, cmd))
-  if _PARALLEL.value < 1:
-    raise app.UsageError(f"--parallel={_PARALLEL.value} must be >= 1")
-  if _PARALLEL.value > 1 and mode != "train":
-    raise app.UsageError("--parallel > 1 is for training sweeps: concurrent benchmarks would time "
-                         "each other")
   if _PARALLEL.value == 1:
     run_serially(todo, len(commands), workdir, mode)
   else:

@@ -11,17 +11,24 @@ import pytest
 from config_files import ROOT, write_small_config  # pylint: disable=g-bad-import-order
 
 
-
-def test_sweep_runs_skips_and_tabulates(tmp_path):
+def _toy_sweep(tmp_path, sweep, *extra_lines, steps=10, eval_every=5, devices=1,
+               workdir="sweep"):
+  """A toy pairs file and sweep config under tmp_path; returns (sweep.py command, env)."""
   from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
   data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
   cfg = tmp_path / "toy_sweep.py"
-  write_small_config(cfg, data, 10, 5, "c.checkpoint.async_save = False",
-                     sweep='[{"optim.lr": lr} for lr in (1e-3, 3e-3)]')
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  write_small_config(cfg, data, steps, eval_every, *extra_lines, sweep=sweep)
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
-         f"--workdir={tmp_path / 'sweep'}"]
+         f"--workdir={tmp_path / workdir}"]
+  return cmd, env
+
+
+
+def test_sweep_runs_skips_and_tabulates(tmp_path):
+  cmd, env = _toy_sweep(tmp_path, '[{"optim.lr": lr} for lr in (1e-3, 3e-3)]',
+                        "c.checkpoint.async_save = False")
   first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   with open(tmp_path / "sweep" / "sweep.csv") as f:
@@ -37,15 +44,10 @@ def test_sweep_runs_skips_and_tabulates(tmp_path):
 
 
 def test_benchmark_mode_tabulates_speed_over_device_counts(tmp_path):
-  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
-  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
-  cfg = tmp_path / "toy_devices.py"
-  write_small_config(cfg, data, 10, 5, sweep='[{"mesh.num_devices": n} for n in (1, 2)]')
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "--mode=benchmark",
-         f"--config={cfg}", f"--workdir={tmp_path / 'bench'}", "--benchmark_arg=--steps=3",
-         "--benchmark_arg=--warmup=1", "--benchmark_arg=--eval_repeats=1"]
+  cmd, env = _toy_sweep(tmp_path, '[{"mesh.num_devices": n} for n in (1, 2)]', devices=2,
+                        workdir="bench")
+  cmd += ["--mode=benchmark", "--benchmark_arg=--steps=3", "--benchmark_arg=--warmup=1",
+          "--benchmark_arg=--eval_repeats=1"]
   first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   with open(tmp_path / "bench" / "sweep.csv") as f:
@@ -122,15 +124,8 @@ def test_sracl_config_flags_and_arm_sweeps():
 def test_sweep_stops_after_a_preempted_run_and_resumes(tmp_path):
   """A run that exits 0 without results.json (preempted, checkpointed) ends the sweep there; the
   same command then resumes it and goes on."""
-  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
-  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
-  cfg = tmp_path / "toy_sweep.py"
-  write_small_config(cfg, data, 10, 5, "c.checkpoint.async_save = False",
-                     sweep='[{"seed": s} for s in (1, 2)]')
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
-         f"--workdir={tmp_path / 'sweep'}"]
+  cmd, env = _toy_sweep(tmp_path, '[{"seed": s} for s in (1, 2)]',
+                        "c.checkpoint.async_save = False")
   first = subprocess.run(cmd + ["--override=--config.train.stop_at_step=5"], capture_output=True,
                          text=True, env=env, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -149,16 +144,9 @@ def test_parallel_runs_share_the_machine_and_tabulate_only_starts_nothing(tmp_pa
   """--parallel 2 over three seeds: all three finish (the third starts when a slot frees), each
   logging to its own train.log; --tabulate_only then starts nothing; --parallel in benchmark
   mode is refused."""
-  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
-  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
-  cfg = tmp_path / "toy_sweep.py"
-  write_small_config(cfg, data, 10, 5, "c.checkpoint.async_save = False",
-                     sweep='[{"seed": s} for s in (1, 2, 3)]')
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  cmd, env = _toy_sweep(tmp_path, '[{"seed": s} for s in (1, 2, 3)]',
+                        "c.checkpoint.async_save = False")
   sweep_dir = tmp_path / "sweep"
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
-         f"--workdir={sweep_dir}"]
   first = subprocess.run(cmd + ["--parallel=2"], capture_output=True, text=True, env=env,
                          timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -184,16 +172,11 @@ def test_parallel_sweep_passes_sigterm_to_its_runs_and_resumes(tmp_path):
   without starting the rest, and the same command resumes them from their checkpoints."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  from test_loop import _write_pairs  # pylint: disable=g-import-not-at-top
-  data = _write_pairs(str(tmp_path / "toy.txt"), n_users=60, n_items=20)
-  cfg = tmp_path / "toy_sweep.py"
-  write_small_config(cfg, data, 100000, 50, "c.checkpoint.async_save = False",
-                     "c.train.patience = 0", sweep='[{"seed": s} for s in (1, 2, 3)]')
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  cmd, env = _toy_sweep(tmp_path, '[{"seed": s} for s in (1, 2, 3)]',
+                        "c.checkpoint.async_save = False", "c.train.patience = 0", steps=100000,
+                        eval_every=50)
+  cmd.append("--parallel=2")
   sweep_dir = tmp_path / "sweep"
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
-         f"--workdir={sweep_dir}", "--parallel=2"]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env)
   logs = [sweep_dir / f"seed={s}" / "train.log" for s in (1, 2)]
