@@ -89,16 +89,37 @@ def load_sweep(config_arg: str) -> List[Dict[str, Any]]:
   return sweep
 
 
+# An override value "{sweep}/<run name>" names another run of the same sweep (e.g. CALRec's
+# Stage II starting from the sweep's Stage I run): it becomes that run's folder in the command,
+# and such a run starts only after its source run has finished.
+SWEEP_REF = "{sweep}/"
+
+
+def _ref(value) -> str:
+  """The run a "{sweep}/<run>" value names, or ""."""
+  return value[len(SWEEP_REF):] if isinstance(value, str) and value.startswith(SWEEP_REF) else ""
+
+
+def sources(overrides: Dict[str, Any]) -> List[str]:
+  """The runs of the same sweep that `overrides` starts from."""
+  return [r for r in map(_ref, overrides.values()) if r]
+
+
+def _resolve(value, sweep_dir: str):
+  ref = _ref(value)
+  return os.path.join(sweep_dir, ref) if ref else value
+
+
 def run_name(overrides: Dict[str, Any]) -> str:
   """'alpha=0.1_beta=0.05' from {'sracl.alpha': 0.1, 'sracl.beta': 0.05}."""
-  parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
+  parts = [f"{k.split('.')[-1]}={_ref(v) or v}" for k, v in overrides.items()]
   return re.sub(r"[^A-Za-z0-9=._-]", "-", "_".join(parts)) or "default"
 
 
 def train_command(config_arg: str, workdir: str, overrides: Dict[str, Any], extra) -> List[str]:
   cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={config_arg}",
          f"--workdir={workdir}", "--config.train.progress=false"]
-  cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+  cmd += [f"--config.{k}={_resolve(v, os.path.dirname(workdir))}" for k, v in overrides.items()]
   cmd += list(extra)
   return cmd
 
@@ -267,9 +288,16 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
   return paths
 
 
-def run_serially(todo, n_total: int, workdir: str, mode: str) -> None:
-  """One run after another, output to the terminal; stops after a preempted run."""
+def run_serially(todo, n_total: int, workdir: str, mode: str, needs=None) -> None:
+  """One run after another, output to the terminal; stops after a preempted run, or before a run
+  whose source runs (`needs`: name -> run names) have not finished."""
   for i, name, cmd in todo:
+    missing = [r for r in (needs or {}).get(name, ())
+               if not os.path.exists(os.path.join(workdir, r, result_file(mode)))]
+    if missing:
+      print(f"{name} starts from {missing}, which have not finished (not in this sweep, or "
+            f"failed): stopping", flush=True)
+      break
     print(f"[{i + 1}/{n_total}] {name}: {'benchmarking' if mode == 'benchmark' else 'training'}",
           flush=True)
     os.makedirs(os.path.join(workdir, name), exist_ok=True)
@@ -372,8 +400,18 @@ def main(argv):
       print(f"[{i + 1}/{len(commands)}] {name}: done, skipped", flush=True)
     elif not _TABULATE.value:
       todo.append((i, name, cmd))
+  needs = {run_name(o): sources(o) for o in sweep if sources(o)}
+  names = [run_name(o) for o in sweep]
+  for name, srcs in needs.items():
+    for src in srcs:
+      if src not in names or names.index(src) > names.index(name):
+        raise app.UsageError(f"run {name} starts from {src!r}, which is not an earlier run of "
+                             f"the sweep")
+  if _PARALLEL.value > 1 and any(name in needs for _, name, _ in todo):
+    raise app.UsageError(f"runs {sorted(needs)} start from other runs of the sweep: run it with "
+                         f"--parallel=1")
   if _PARALLEL.value == 1:
-    run_serially(todo, len(commands), workdir, mode)
+    run_serially(todo, len(commands), workdir, mode, needs)
   else:
     run_concurrently(todo, len(commands), workdir, _PARALLEL.value)
   rows = collect(workdir, sweep, metrics, mode)

@@ -307,9 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if is_main:
     fileio.atomic_write(os.path.join(workdir, RESULTS_FILE),
                         lambda f: json.dump(results, f, indent=2), mode="w")
-    logging.info("results written to %s (test NDCG@10 %.4f, HR@10 %.4f at step %d)",
-                 os.path.join(workdir, RESULTS_FILE), results["test"].get("NDCG@10", float("nan")),
-                 results["test"].get("HR@10", float("nan")), results["best_step"])
+    shown = ", ".join(f"{k} {results['test'][k]:.4f}" for k in ("NDCG@10", "HR@10", "Recall@10")
+                      if k in results["test"])
+    logging.info("results written to %s (test %s at step %d)", os.path.join(workdir, RESULTS_FILE),
+                 shown or "-", results["best_step"])
   ckpt.close()
   writer.close()
   return results

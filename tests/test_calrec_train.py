@@ -96,3 +96,28 @@ def test_stage_one_mixture_then_stage_two(tmp_path):
   with open(tmp_path / "s2" / "tokenizer" / "tokenizer.json") as f2, \
       open(tmp_path / "s1" / "tokenizer" / "tokenizer.json") as f1:
     assert f1.read() == f2.read()
+
+
+def test_amazon_config_flags():
+  from configs.calrec import amazon  # pylint: disable=g-import-not-at-top
+  from calrec_jax.config import validate_calrec  # pylint: disable=g-import-not-at-top
+  both = amazon.get_config(None)
+  assert [s.split("|")[0] for s in both.calrec.categories] == ["beauty", "toys"]
+  c = amazon.get_config("cpu,beauty")
+  assert [s.split("|")[0] for s in c.calrec.categories] == ["beauty"]
+  assert c.calrec.categories[0].endswith("amazon-beauty-text")
+  assert (c.train.early_stop_metric, c.train.early_stop_mode) == ("gen/nig", "min")
+  assert c.model.overrides.d_model == 128 and c.train.num_steps == 800
+  validate_calrec(c)
+  assert [s.split("|")[0] for s in amazon.get_config("toys").calrec.categories] == ["toys"]
+  with pytest.raises(ValueError, match="pick one category"):
+    amazon.get_config("beauty,toys")
+  with pytest.raises(ValueError, match="unknown config argument"):
+    amazon.get_config("cpu,bauty")
+  assert len(amazon.get_sweep("cpu,beauty")) == 5
+  stages = amazon.get_sweep("cpu,stages")
+  assert stages[0] == {"calrec.train_on": "all"}
+  assert {"calrec.train_on": "toys", "calrec.init_from": "{sweep}/train_on=all"} in stages
+  assert len(stages) == 5
+  with pytest.raises(ValueError, match="several categories"):
+    amazon.get_sweep("cpu,beauty,stages")

@@ -198,3 +198,26 @@ def test_parallel_sweep_passes_sigterm_to_its_runs_and_resumes(tmp_path):
   for s in (1, 2, 3):
     assert (sweep_dir / f"seed={s}" / "results.json").exists()
   assert all("resumed from step" in p.read_text() for p in logs)
+
+
+def test_runs_that_start_from_an_earlier_run_of_the_sweep(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  stage2 = {"calrec.train_on": "beauty", "calrec.init_from": "{sweep}/train_on=all"}
+  name = sweep_lib.run_name(stage2)
+  assert name == "train_on=beauty_init_from=train_on=all"
+  assert sweep_lib.sources(stage2) == ["train_on=all"]
+  assert sweep_lib.sources({"calrec.init_from": "/abs/dir"}) == []
+  cmd = sweep_lib.train_command("c.py", str(tmp_path / "sw" / name), stage2, [])
+  assert f"--config.calrec.init_from={tmp_path / 'sw' / 'train_on=all'}" in cmd
+  # The source has not finished: the dependent run is not started (`false` would raise).
+  needs = {name: ["train_on=all"]}
+  sweep_lib.run_serially([(1, name, ["false"])], 2, str(tmp_path / "sw"), "train", needs)
+  assert not (tmp_path / "sw" / name).exists()
+  # A source that comes later in the sweep, or --parallel > 1, is refused up front.
+  cmd, env = _toy_sweep(tmp_path, '[{"data.name": "{sweep}/name=b"}, {"data.name": "b"}]')
+  bad = subprocess.run(cmd + ["--tabulate_only"], capture_output=True, text=True, env=env)
+  assert bad.returncode != 0 and "not an earlier run" in bad.stderr
+  cmd, env = _toy_sweep(tmp_path, '[{"data.name": "b"}, {"data.name": "{sweep}/name=b"}]')
+  par = subprocess.run(cmd + ["--parallel=2"], capture_output=True, text=True, env=env)
+  assert par.returncode != 0 and "--parallel=1" in par.stderr
