@@ -7,9 +7,9 @@ Each run is `launch/train.py` in its own process, in <workdir>/<run name>; runs 
 exists are skipped, so an interrupted sweep resumes (and each run resumes from its checkpoints).
 `--parallel N` runs N at once (small models sharing one GPU); `--tabulate_only` starts nothing and
 tabulates the finished runs.
-At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept key
-(test metric vs value). When the sweep has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`,
-every arm x 3 seeds), sweep_seeds.md and sweep_seeds.png give each arm's mean ± std over its
+At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept numeric key
+(test metric vs value), or sweep_runs.png (bars per run) when no key is numeric. When the sweep
+has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md and sweep_seeds.png give each arm's mean ± std over its
 finished seeds. A run that stops early (SIGTERM: checkpointed, no results.json) stops the sweep;
 the same command resumes it.
 
@@ -248,6 +248,30 @@ def plot_seed_groups(workdir: str, groups, metrics) -> List[str]:
   return [path]
 
 
+def plot_runs(workdir: str, rows, metrics) -> List[str]:
+  """Bars of every finished run's test metrics: for sweeps whose keys are not numeric (e.g.
+  CALRec's stage ablation), which `plot` has no axis for."""
+  done = [r for r in rows if f"test {metrics[0]}" in r]
+  if not done:
+    return []
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 0.5 * len(done) * len(metrics), 3.8),
+                           squeeze=False)
+  x = np.arange(len(done))
+  for ax, m in zip(axes[0], metrics):
+    ax.bar(x, [r[f"test {m}"] for r in done], color="tab:blue")
+    ax.set_xticks(x, [r["run"] for r in done], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"test {m}")
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, "sweep_runs.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
   """One PNG per swept numeric key: the metrics (test metrics in train mode, speed figures in
   benchmark mode) vs value, the other keys' settings as series."""
@@ -423,6 +447,8 @@ def main(argv):
     write_seed_table(workdir, groups, metrics)
     pngs += plot_seed_groups(workdir, groups, metrics)
     print(open(os.path.join(workdir, "sweep_seeds.md")).read())
+  elif not pngs and mode == "train":
+    pngs += plot_runs(workdir, rows, metrics)
   print("wrote", os.path.join(workdir, "sweep.csv"), *pngs)
 
 

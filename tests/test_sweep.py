@@ -221,3 +221,16 @@ def test_runs_that_start_from_an_earlier_run_of_the_sweep(tmp_path):
   cmd, env = _toy_sweep(tmp_path, '[{"data.name": "b"}, {"data.name": "{sweep}/name=b"}]')
   par = subprocess.run(cmd + ["--parallel=2"], capture_output=True, text=True, env=env)
   assert par.returncode != 0 and "--parallel=1" in par.stderr
+
+
+def test_runs_with_non_numeric_keys_get_a_bar_chart(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  rows = [{"run": "train_on=all", "test R@10": 0.02}, {"run": "train_on=beauty"},
+          {"run": "train_on=beauty_init_from=train_on=all", "test R@10": 0.03}]
+  sweep = [{"calrec.train_on": "all"}, {"calrec.train_on": "beauty"},
+           {"calrec.train_on": "beauty", "calrec.init_from": "{sweep}/train_on=all"}]
+  assert sweep_lib.plot(str(tmp_path), rows, sweep, ["R@10"]) == []  # no numeric axis
+  paths = sweep_lib.plot_runs(str(tmp_path), rows, ["R@10"])
+  assert paths == [str(tmp_path / "sweep_runs.png")] and os.path.getsize(paths[0]) > 1000
+  assert sweep_lib.plot_runs(str(tmp_path), rows[1:2], ["R@10"]) == []  # nothing finished
