@@ -9,9 +9,9 @@ exists are skipped, so an interrupted sweep resumes (and each run resumes from i
 tabulates the finished runs.
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept numeric key
 (test metric vs value), or sweep_runs.png (bars per run) when no key is numeric. When the sweep
-has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md and sweep_seeds.png give each arm's mean ± std over its
-finished seeds. A run that stops early (SIGTERM: checkpointed, no results.json) stops the sweep;
-the same command resumes it.
+has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md
+and sweep_seeds.png give each arm's mean ± std over its finished seeds. A run that stops early
+(SIGTERM: checkpointed, no results.json) stops the sweep; the same command resumes it.
 
 `--mode benchmark` runs `launch/benchmark.py` instead of training (each run writes
 <run>/benchmark.json and is skipped when it exists) and tabulates and plots its speed figures:
