@@ -26,7 +26,8 @@ Flags (comma-separated after the path):
 
   # the stage ablation, CPU protocol (five runs in order: Stage I first; resumable)
   python launch/sweep.py --config configs/calrec/amazon.py:cpu,stages \
-      --workdir ~/runs/calrec_stages --metrics beauty/Recall@10,beauty/NDCG@10,toys/Recall@10,toys/NDCG@10
+      --workdir ~/runs/calrec_stages \
+      --metrics beauty/Recall@10,beauty/NDCG@10,toys/Recall@10,toys/NDCG@10
 
   # the loss ablation on Beauty, CPU protocol (five arms; resumable)
   python launch/sweep.py --config configs/calrec/amazon.py:cpu,beauty \
