@@ -104,5 +104,9 @@ def get_sweep(arg=None):
   names = [s.split("|")[0] for s in get_config(arg).calrec.categories]
   if len(names) < 2:
     raise ValueError(f"the stage ablation needs several categories, got {names}")
-  return ([{"calrec.train_on": "all"}] + [{"calrec.train_on": n} for n in names] +
-          [{"calrec.train_on": n, "calrec.init_from": "{sweep}/train_on=all"} for n in names])
+  # Category by category (Stage II only, then I + II), so each category's comparison is complete
+  # as early as possible.
+  stage1 = "{sweep}/train_on=all"
+  return [{"calrec.train_on": "all"}] + [
+      arm for n in names
+      for arm in ({"calrec.train_on": n}, {"calrec.train_on": n, "calrec.init_from": stage1})]
