@@ -221,6 +221,20 @@ def write_seed_table(workdir: str, groups, metrics) -> None:
       f.write(f"| {g['arm']} | {g['n']}/{g['seeds']} | " + " | ".join(cells) + " |\n")
 
 
+MAX_PLOT_COLUMNS = 4  # panels per row; more metrics wrap onto further rows
+
+
+def _panels(plt, n: int, width: float, height: float):
+  """A figure of n panels, at most MAX_PLOT_COLUMNS per row: (fig, flat list of n axes)."""
+  cols = min(n, MAX_PLOT_COLUMNS)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  flat = list(axes.ravel())
+  for ax in flat[n:]:
+    ax.set_visible(False)
+  return fig, flat[:n]
+
+
 def plot_seed_groups(workdir: str, groups, metrics) -> List[str]:
   """Bars of each arm's mean test metric over seeds, with the seed std as error bars."""
   groups = [g for g in groups if g["n"]]
@@ -229,10 +243,9 @@ def plot_seed_groups(workdir: str, groups, metrics) -> List[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 0.9 * len(groups) * len(metrics) / 2,
-                                                     3.6), squeeze=False)
+  fig, axes = _panels(plt, len(metrics), 0.6 + 0.45 * len(groups), 3.6)
   x = np.arange(len(groups))
-  for ax, m in zip(axes[0], metrics):
+  for ax, m in zip(axes, metrics):
     means = [g[f"test {m}"] for g in groups]
     ax.bar(x, means, yerr=[g[f"test {m} std"] for g in groups], capsize=3, color="tab:blue")
     ax.set_xticks(x, [f"{g['arm']}\n(n={g['n']})" for g in groups], rotation=45, ha="right",
@@ -257,10 +270,9 @@ def plot_runs(workdir: str, rows, metrics) -> List[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 0.5 * len(done) * len(metrics), 3.8),
-                           squeeze=False)
+  fig, axes = _panels(plt, len(metrics), 0.6 + 0.5 * len(done), 3.8)
   x = np.arange(len(done))
-  for ax, m in zip(axes[0], metrics):
+  for ax, m in zip(axes, metrics):
     ax.bar(x, [r[f"test {m}"] for r in done], color="tab:blue")
     ax.set_xticks(x, [r["run"] for r in done], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(f"test {m}")
@@ -286,12 +298,12 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
     values = {r.get(key) for r in done}
     if len(values) < 2 or not all(isinstance(v, (int, float)) for v in values):
       continue
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    fig, axes = _panels(plt, len(metrics), 4, 3.2)
     others = [k for k in keys if k != key]
     groups: Dict[tuple, list] = {}
     for r in done:
       groups.setdefault(tuple((k, r.get(k)) for k in others), []).append(r)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes, metrics):
       for group, members in sorted(groups.items(), key=lambda g: str(g[0])):
         members = sorted(members, key=lambda r: r[key])
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in group) or None
@@ -303,7 +315,7 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
         ax.set_xscale("log", base=2)  # batch sizes and device counts double
       ax.grid(alpha=0.3)
     if len(groups) > 1:
-      axes[0][-1].legend(fontsize=7)
+      axes[-1].legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(workdir, f"sweep_{key.replace('.', '_')}.png")
     fig.savefig(path, dpi=110)
