@@ -111,6 +111,18 @@ def validate_calrec(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.calrec.categories entry {spec!r} must be 'name|format|path'")
 
 
+def cpu_decoder_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CPU protocol's decoder and training budget (BENCHMARKS.md §5, ml-100k and Amazon): a
+  2-layer d=128 decoder, 800 steps of 32 sequences, validated every 400 steps."""
+  c.model.preset = "small"
+  c.model.overrides.update(d_model=128, n_layers=2, n_heads=4, head_dim=32, mlp_dim=512)
+  c.train.num_steps = 800
+  c.train.eval_every_steps = 400
+  c.train.batch_size = 32
+  c.optim.warmup_steps = 50
+  return c
+
+
 def shrink_calrec_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A one-to-two-minute CPU run of the whole pipeline (train, embed, sample, BM25, merge)."""
   c.model.preset = "tiny"

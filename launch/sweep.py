@@ -235,30 +235,39 @@ def _panels(plt, n: int, width: float, height: float):
   return fig, flat[:n]
 
 
+def _save_bars(path: str, labels: List[str], values: Dict[str, list], errors=None,
+               zoom: bool = False, height: float = 3.8) -> List[str]:
+  """One bar panel per metric (`values`: metric -> one value per label; `errors` likewise, as
+  error bars); `zoom` starts the y axis just below the lowest bar. Returns [path]."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = _panels(plt, len(values), 0.6 + 0.5 * len(labels), height)
+  x = np.arange(len(labels))
+  for ax, (m, vals) in zip(axes, values.items()):
+    ax.bar(x, vals, yerr=None if errors is None else errors[m], capsize=3, color="tab:blue")
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"test {m}")
+    if zoom:
+      lo = min(vals)
+      ax.set_ylim(bottom=max(0.0, lo - 0.25 * (max(vals) - lo + 1e-9) - 0.1 * lo))
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def plot_seed_groups(workdir: str, groups, metrics) -> List[str]:
   """Bars of each arm's mean test metric over seeds, with the seed std as error bars."""
   groups = [g for g in groups if g["n"]]
   if not groups:
     return []
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = _panels(plt, len(metrics), 0.6 + 0.45 * len(groups), 3.6)
-  x = np.arange(len(groups))
-  for ax, m in zip(axes, metrics):
-    means = [g[f"test {m}"] for g in groups]
-    ax.bar(x, means, yerr=[g[f"test {m} std"] for g in groups], capsize=3, color="tab:blue")
-    ax.set_xticks(x, [f"{g['arm']}\n(n={g['n']})" for g in groups], rotation=45, ha="right",
-                  fontsize=7)
-    ax.set_ylabel(f"test {m}")
-    lo = min(means)
-    ax.set_ylim(bottom=max(0.0, lo - 0.25 * (max(means) - lo + 1e-9) - 0.1 * lo))
-    ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  path = os.path.join(workdir, "sweep_seeds.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return [path]
+  return _save_bars(os.path.join(workdir, "sweep_seeds.png"),
+                    [f"{g['arm']}\n(n={g['n']})" for g in groups],
+                    {m: [g[f"test {m}"] for g in groups] for m in metrics},
+                    errors={m: [g[f"test {m} std"] for g in groups] for m in metrics},
+                    zoom=True, height=3.6)
 
 
 def plot_runs(workdir: str, rows, metrics) -> List[str]:
@@ -267,21 +276,8 @@ def plot_runs(workdir: str, rows, metrics) -> List[str]:
   done = [r for r in rows if f"test {metrics[0]}" in r]
   if not done:
     return []
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = _panels(plt, len(metrics), 0.6 + 0.5 * len(done), 3.8)
-  x = np.arange(len(done))
-  for ax, m in zip(axes, metrics):
-    ax.bar(x, [r[f"test {m}"] for r in done], color="tab:blue")
-    ax.set_xticks(x, [r["run"] for r in done], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel(f"test {m}")
-    ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  path = os.path.join(workdir, "sweep_runs.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return [path]
+  return _save_bars(os.path.join(workdir, "sweep_runs.png"), [r["run"] for r in done],
+                    {m: [r[f"test {m}"] for r in done] for m in metrics})
 
 
 def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:

@@ -12,7 +12,8 @@ texts per user. On an accelerator raise model.preset / train.num_steps.
   python launch/train.py --config configs/calrec/ml100k.py:tiny --workdir /tmp/calrec_tiny
 """
 
-from calrec_jax.config import default_calrec_config, loss_ablation_sweep, shrink_calrec_to_tiny
+from calrec_jax.config import (cpu_decoder_budget, default_calrec_config, loss_ablation_sweep,
+                               shrink_calrec_to_tiny)
 from seqrec_jax.default_config import parse_arg
 
 
@@ -28,12 +29,7 @@ def get_config(arg=None):
   c.calrec.max_item_tokens = 32
   c.calrec.max_new_tokens = 32
   c.calrec.tokenizer.vocab_size = 4096  # ml-100k's texts support ~2.2k BPE tokens
-  c.model.preset = "small"
-  c.model.overrides.update(d_model=128, n_layers=2, n_heads=4, head_dim=32, mlp_dim=512)
-  c.train.num_steps = 800
-  c.train.eval_every_steps = 400
-  c.train.batch_size = 32
-  c.optim.warmup_steps = 50
+  cpu_decoder_budget(c)
   c.calrec.eval_users = 943  # every ml-100k user
   c.calrec.test_users = 0
   if "tiny" in flags:
