@@ -11,7 +11,8 @@ At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept
 (test metric vs value), or sweep_runs.png (bars per run) when no key is numeric. When the sweep
 has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md
 and sweep_seeds.png give each arm's mean ± std over its finished seeds. A run that stops early
-(SIGTERM: checkpointed, no results.json) stops the sweep; the same command resumes it.
+(SIGTERM: checkpointed, no results.json), or one killed by a signal, stops the sweep; the same
+command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as SIGTERM.
 
 `--mode benchmark` runs `launch/benchmark.py` instead of training (each run writes
 <run>/benchmark.json and is skipped when it exists) and tabulates and plots its speed figures:
@@ -322,7 +323,12 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
 
 def run_serially(todo, n_total: int, workdir: str, mode: str, needs=None) -> None:
   """One run after another, output to the terminal; stops after a preempted run, or before a run
-  whose source runs (`needs`: name -> run names) have not finished."""
+  whose source runs (`needs`: name -> run names) have not finished.
+
+  SIGTERM or SIGINT to the sweep is passed on to the run in flight as SIGTERM (it checkpoints and
+  exits) and no further run starts. A run killed by a signal stops the sweep with a message; a
+  run that fails otherwise raises.
+  """
   for i, name, cmd in todo:
     missing = [r for r in (needs or {}).get(name, ())
                if not os.path.exists(os.path.join(workdir, r, result_file(mode)))]
@@ -333,12 +339,44 @@ def run_serially(todo, n_total: int, workdir: str, mode: str, needs=None) -> Non
     print(f"[{i + 1}/{n_total}] {name}: {'benchmarking' if mode == 'benchmark' else 'training'}",
           flush=True)
     os.makedirs(os.path.join(workdir, name), exist_ok=True)
-    subprocess.run(cmd, check=True)
-    if not os.path.exists(os.path.join(workdir, name, result_file(mode))):
+    returncode, signalled = _run_passing_signals(cmd)
+    if os.path.exists(os.path.join(workdir, name, result_file(mode))):
+      if not signalled:
+        continue
+      print(f"{name} finished; the sweep was signalled: relaunch the same command to go on",
+            flush=True)
+    elif returncode < 0:
+      print(f"{name} was killed by signal {-returncode}; its checkpoints are kept: relaunch the "
+            f"same command to resume", flush=True)
+    elif returncode and not signalled:
+      raise RuntimeError(f"sweep run {name} failed (exit {returncode}); command: "
+                         f"{' '.join(cmd)}")
+    else:
       # A training run stopped by SIGTERM/SIGINT checkpoints and exits 0 without results.json:
       # stop the sweep too (relaunching resumes that run) instead of starting the next one.
       print(f"{name} stopped before it finished; relaunch the same command to resume", flush=True)
-      break
+    break
+
+
+def _run_passing_signals(cmd):
+  """Runs `cmd` in the foreground; SIGTERM/SIGINT to this process reach it as SIGTERM.
+
+  Returns (exit code, whether this process was signalled)."""
+  proc = subprocess.Popen(cmd)
+  state = {"signalled": False}
+
+  def on_signal(signum, _frame):
+    print(f"sweep: signal {signum}; stopping the run in flight (it checkpoints)", flush=True)
+    state["signalled"] = True
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    return proc.wait(), state["signalled"]
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:

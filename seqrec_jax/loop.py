@@ -285,15 +285,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       preemption.restore()
       return {"stopped_at_step": step}
   progress.close()
-  preemption.restore()
   ckpt.wait()
 
-  # Test at the best validation checkpoint.
+  # Test at the best validation checkpoint. Training is finished and checkpointed, so a
+  # termination signal from here on abandons the evaluation (a relaunch redoes only it) instead
+  # of killing the process mid-way or making it evaluate for minutes past its notice.
   params, best_meta = ckpt.restore_best(state.params)
   final_evaluate = exp.final_evaluate or evaluate
+  try:
+    preemption.interrupt_from_now()
+    evaluated = {split_name: final_evaluate(params, split_name) for split_name in ("valid", "test")}
+  except Preempted:
+    logging.info("stopped during the final evaluation (a termination signal); training is "
+                 "finished and checkpointed at step %d: relaunch the same command to evaluate",
+                 step)
+    ckpt.close()
+    writer.close()
+    return {"stopped_at_step": step}
+  finally:
+    preemption.restore()
   results = {
-      "valid": final_evaluate(params, "valid"),
-      "test": final_evaluate(params, "test"),
+      "valid": evaluated["valid"],
+      "test": evaluated["test"],
       "best_step": int(best_meta["step"]),
       "train_seconds": float(loop["train_seconds"]),
       "steps": step,
@@ -355,15 +368,22 @@ def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, A
           "best_step": int(meta["step"])}
 
 
+class Preempted(Exception):
+  """A termination signal arrived while `PreemptionWatch.interrupt_from_now` was in force."""
+
+
 class PreemptionWatch:
   """Turns SIGTERM / SIGINT into "finish this step, checkpoint, exit cleanly".
 
   In a multi-process run the processes agree on the stop step: the local flags are combined
   with an all-gather at every `every`-th step (a signal usually reaches every process of a job).
+  After `interrupt_from_now()` (once nothing is left to checkpoint) a signal raises `Preempted`
+  at the next Python instruction instead, once; a signal already received raises at once.
   """
 
   def __init__(self):
     self._signalled = False
+    self._interrupt = False
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -371,8 +391,20 @@ class PreemptionWatch:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("received signal %d: will checkpoint after the current step and exit", signum)
+    first = not self._signalled
     self._signalled = True
+    if self._interrupt:
+      if first:
+        logging.warning("received signal %d: abandoning the final evaluation", signum)
+        raise Preempted(f"signal {signum}")
+      return
+    logging.warning("received signal %d: will checkpoint after the current step and exit", signum)
+
+  def interrupt_from_now(self) -> None:
+    self._interrupt = True
+    if self._signalled:
+      logging.warning("a termination signal arrived before the final evaluation: skipping it")
+      raise Preempted("signalled before the final evaluation")
 
   def should_stop(self, step: int, every: int) -> bool:
     if jax.process_count() == 1:

@@ -218,3 +218,36 @@ def test_early_stop_mode():
   c.train.early_stop_mode = "median"
   with pytest.raises(ValueError, match="early_stop_mode"):
     validate_config(c)
+
+
+def test_signal_during_final_evaluation_stops_cleanly_and_resumes(pairs_file, tmp_path,
+                                                                   monkeypatch):
+  """SIGTERM while the best checkpoint is being tested: no results.json, no kill, checkpoints
+  kept; the relaunch only evaluates and matches an uninterrupted run."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  c = small_config(pairs_file)
+  c.train.num_steps = 20
+  straight = loop.train_and_evaluate(c, str(tmp_path / "a"))
+  make_experiment = loop.make_experiment
+  calls = []
+
+  def signalled_experiment(*args, **kwargs):
+    exp = make_experiment(*args, **kwargs)
+
+    def final_evaluate(params, split):
+      calls.append(split)
+      os.kill(os.getpid(), signal.SIGTERM)  # arrives while this split is being evaluated
+      return exp.evaluate(params, split)
+    return dataclasses.replace(exp, final_evaluate=final_evaluate)
+
+  monkeypatch.setattr(loop, "make_experiment", signalled_experiment)
+  first = loop.train_and_evaluate(c, str(tmp_path / "b"))
+  assert first == {"stopped_at_step": 20} and calls == ["valid"]
+  assert not os.path.exists(tmp_path / "b" / "results.json")
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the watch handed the signal back
+  monkeypatch.undo()
+  again = loop.train_and_evaluate(c, str(tmp_path / "b"))
+  assert again["test"] == straight["test"] and again["steps"] == 20
+  rows = [r for r in _read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["split"] == "train"]
+  assert [r["step"] for r in rows] == [5, 10, 15, 20]  # no step trained twice

@@ -234,3 +234,41 @@ def test_runs_with_non_numeric_keys_get_a_bar_chart(tmp_path):
   paths = sweep_lib.plot_runs(str(tmp_path), rows, ["R@10"])
   assert paths == [str(tmp_path / "sweep_runs.png")] and os.path.getsize(paths[0]) > 1000
   assert sweep_lib.plot_runs(str(tmp_path), rows[1:2], ["R@10"]) == []  # nothing finished
+
+
+def test_serial_sweep_passes_signals_on_and_stops_on_a_killed_run(tmp_path):
+  """Serial sweeps: SIGTERM to the sweep reaches the run in flight as SIGTERM and nothing more
+  starts; a run killed by a signal stops the sweep with a message, not a traceback; a failing
+  run raises with its name."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  sw = tmp_path / "sw"
+  # Each fake run writes `started`, then waits; on SIGTERM it writes `term` and exits 0.
+  fake = ("import pathlib, signal, sys, time; d = pathlib.Path(sys.argv[1]); "
+          "signal.signal(signal.SIGTERM, lambda *a: (d.joinpath('term').write_text('x'), "
+          "sys.exit(0))); d.joinpath('started').write_text('x'); time.sleep(120)")
+  script = tmp_path / "serial.py"
+  script.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'launch')!r})\n"
+      "import sweep\n"
+      f"todo = [(i, n, [sys.executable, '-c', {fake!r}, {str(sw)!r} + '/' + n]) "
+      "for i, n in enumerate(['a', 'b'])]\n"
+      f"sweep.run_serially(todo, 2, {str(sw)!r}, 'train')\n")
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 60
+  while time.time() < deadline and not (sw / "a" / "started").exists():
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out
+  assert (sw / "a" / "term").exists() and not (sw / "b").exists(), out
+  assert "a stopped before it finished" in out
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  killed = [(0, "k", ["sh", "-c", "kill -KILL $$"]), (1, "never", ["false"])]
+  sweep_lib.run_serially(killed, 2, str(tmp_path / "sw2"), "train")  # no raise
+  assert not (tmp_path / "sw2" / "never").exists()
+  with pytest.raises(RuntimeError, match="sweep run f failed"):
+    sweep_lib.run_serially([(0, "f", ["false"])], 1, str(tmp_path / "sw3"), "train")
