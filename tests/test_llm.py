@@ -314,7 +314,9 @@ def test_run_stopped_part_way_resumes_with_missing_only(server, tmp_path):
 def test_concurrency_is_bounded(tmp_path):
   s = FakeServer(delay_s=0.05)
   try:
-    c = _client(s, tmp_path, concurrency=3)
+    # A generous timeout: on a loaded machine a 0.3 s timeout can expire, and the retry would
+    # overlap the abandoned request still held by the server, over-counting in-flight requests.
+    c = _client(s, tmp_path, concurrency=3, timeout_s=10.0)
     ps = [f"q{i}" for i in range(9)]
     assert c.complete_many(ps) == [_answer(p) for p in ps]
     assert 1 <= s.max_inflight <= 3
