@@ -24,6 +24,7 @@ the swept value.  Throughput vs batch size, and vs device count over fake CPU de
       --config configs/sasrec/throughput.py:devices --workdir W2
 """
 
+import contextlib
 import csv
 import importlib.util
 import inspect
@@ -358,25 +359,36 @@ def run_serially(todo, n_total: int, workdir: str, mode: str, needs=None) -> Non
     break
 
 
+@contextlib.contextmanager
+def _passing_signals_to(procs):
+  """While open, SIGTERM/SIGINT to this process reach every live process of `procs()` (a
+  callable: the runs in flight) as SIGTERM, so each checkpoints and exits. Yields a dict whose
+  "signalled" turns True once a signal came."""
+  state = {"signalled": False}
+
+  def on_signal(signum, _frame):
+    live = [proc for proc in procs() if proc.poll() is None]
+    print(f"sweep: signal {signum}; stopping the {len(live)} runs in flight (they checkpoint)",
+          flush=True)
+    state["signalled"] = True
+    for proc in live:
+      proc.send_signal(signal.SIGTERM)
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield state
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def _run_passing_signals(cmd):
   """Runs `cmd` in the foreground; SIGTERM/SIGINT to this process reach it as SIGTERM.
 
   Returns (exit code, whether this process was signalled)."""
   proc = subprocess.Popen(cmd)
-  state = {"signalled": False}
-
-  def on_signal(signum, _frame):
-    print(f"sweep: signal {signum}; stopping the run in flight (it checkpoints)", flush=True)
-    state["signalled"] = True
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGTERM)
-
-  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-  try:
+  with _passing_signals_to(lambda: [proc]) as state:
     return proc.wait(), state["signalled"]
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
 
 
 def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
@@ -390,20 +402,10 @@ def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   pending, active, failed = list(todo), [], []
-  state = {"stop": False, "signalled": False}
-
-  def on_signal(signum, _frame):
-    print(f"sweep: signal {signum}; stopping the {len(active)} runs in flight (they checkpoint)",
-          flush=True)
-    state["stop"] = state["signalled"] = True
-    for _, _, proc, _, _ in active:
-      if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-
-  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    while active or (pending and not state["stop"]):
-      while pending and not state["stop"] and len(active) < parallel:
+  stopped = False  # a run ended without results
+  with _passing_signals_to(lambda: [run[2] for run in active]) as state:
+    while active or (pending and not (stopped or state["signalled"])):
+      while pending and not (stopped or state["signalled"]) and len(active) < parallel:
         i, name, cmd = pending.pop(0)
         run_dir = os.path.join(workdir, name)
         os.makedirs(run_dir, exist_ok=True)
@@ -429,11 +431,8 @@ def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
           how = "stopped before it finished"
         print(f"[{i + 1}/{n_total}] {name}: {how} after {time.time() - t0:.0f} s", flush=True)
         if not done:
-          state["stop"] = True
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-  if state["stop"] and (pending or state["signalled"]):
+          stopped = True
+  if (stopped or state["signalled"]) and (pending or state["signalled"]):
     print(f"{len(pending)} runs not started; relaunch the same command to resume", flush=True)
   if failed:
     raise RuntimeError(f"sweep runs failed: {failed} (see their train.log)")
