@@ -5,8 +5,8 @@
 
 Each run is `launch/train.py` in its own process, in <workdir>/<run name>; runs whose results.json
 exists are skipped, so an interrupted sweep resumes (and each run resumes from its checkpoints).
-`--parallel N` runs N at once (small models sharing one GPU); `--tabulate_only` starts nothing and
-tabulates the finished runs.
+`--parallel N` runs N at once (small models sharing one GPU); `--only A,B` runs only the runs named;
+`--tabulate_only` starts nothing and tabulates the finished runs.
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept numeric key
 (test metric vs value), or sweep_runs.png (bars per run) when no key is numeric. When the sweep
 has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md
@@ -63,6 +63,9 @@ _PARALLEL = flags.DEFINE_integer(
     "parallel", 1, "Runs at once (train mode). >1 shares one accelerator between small runs (e.g. "
     "6 SRA-CL Beauty runs on one H100); each run's output goes to <run>/train.log and JAX's GPU "
     "memory preallocation is switched off (XLA_PYTHON_CLIENT_PREALLOCATE=false) unless set.")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Run only these runs of the sweep (names as in sweep.csv, e.g. "
+    "synthesizer=mean_seed=2024); the others start nothing, and finished ones are still tabulated.")
 _TABULATE = flags.DEFINE_bool("tabulate_only", False,
                               "Start nothing: tabulate and plot the runs that have finished.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -453,8 +456,16 @@ def main(argv):
     metrics = _METRICS.value
     commands = [(o, train_command(_CONFIG.value, os.path.join(workdir, run_name(o)), o,
                                   _EXTRA.value)) for o in sweep]
+  names = [run_name(o) for o in sweep]
+  unknown = sorted(set(_ONLY.value) - set(names))
+  if unknown:
+    raise app.UsageError(f"--only names runs that are not in the sweep: {unknown}; its runs: "
+                         f"{names}")
+  only = set(_ONLY.value or names)
   if _PRINT.value:
-    for _, cmd in commands:
+    for o, cmd in commands:
+      if run_name(o) not in only:
+        continue
       print(" ".join(shlex.quote(c) for c in cmd))
     return
   if _PARALLEL.value < 1:
@@ -467,10 +478,9 @@ def main(argv):
     name = run_name(overrides)
     if os.path.exists(os.path.join(workdir, name, result_file(mode))):
       print(f"[{i + 1}/{len(commands)}] {name}: done, skipped", flush=True)
-    elif not _TABULATE.value:
+    elif not _TABULATE.value and name in only:
       todo.append((i, name, cmd))
   needs = {run_name(o): sources(o) for o in sweep if sources(o)}
-  names = [run_name(o) for o in sweep]
   for name, srcs in needs.items():
     for src in srcs:
       if src not in names or names.index(src) > names.index(name):

@@ -43,6 +43,25 @@ def test_sweep_runs_skips_and_tabulates(tmp_path):
   assert printed.stdout.count("launch/train.py") == 2 and "--config.optim.lr=0.003" in printed.stdout
 
 
+def test_only_runs_the_named_runs_and_rejects_unknown_names(tmp_path):
+  cmd, env = _toy_sweep(tmp_path, '[{"optim.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]',
+                        "c.checkpoint.async_save = False", steps=4, eval_every=4)
+  bad = subprocess.run(cmd + ["--only=lr=0.003,lr=7"], capture_output=True, text=True, env=env,
+                       timeout=600)
+  assert bad.returncode != 0 and "['lr=7']" in bad.stderr
+  printed = subprocess.run(cmd + ["--only=lr=0.003", "--print_commands"], capture_output=True,
+                           text=True, env=env, timeout=600)
+  assert printed.stdout.count("launch/train.py") == 1 and "optim.lr=0.003" in printed.stdout
+  run = subprocess.run(cmd + ["--only=lr=0.003"], capture_output=True, text=True, env=env,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["lr=0.003"]
+  with open(tmp_path / "sweep" / "sweep.csv") as f:
+    rows = {r["run"]: r for r in csv.DictReader(f)}
+  assert float(rows["lr=0.003"]["test NDCG@10"]) >= 0
+  assert rows["lr=0.001"]["test NDCG@10"] == rows["lr=0.01"]["test NDCG@10"] == ""
+
+
 def test_benchmark_mode_tabulates_speed_over_device_counts(tmp_path):
   cmd, env = _toy_sweep(tmp_path, '[{"mesh.num_devices": n} for n in (1, 2)]', devices=2,
                         workdir="bench")

@@ -1,0 +1,78 @@
+"""benchmarks/device/kit.py: slim semantic tables travel without prefix embeddings and come back
+bit for bit; other data is refused."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from config_files import ROOT  # pylint: disable=g-bad-import-order
+from seqrec_jax.data import leave_one_out
+from seqrec_jax.data import load_dataset
+from sracl_jax.semantic import pipeline
+from test_semantic_pipeline import _cfg  # pylint: disable=g-bad-import-order
+
+
+_KIT = []
+
+
+def _kit():
+  if _KIT:
+    return _KIT[0]
+  spec = importlib.util.spec_from_file_location(
+      "device_kit", os.path.join(ROOT, "benchmarks", "device", "kit.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  _KIT.append(mod)
+  return mod
+
+
+def _split(path, n_users=30, shift=0):
+  lines = [f"{u} {1 + (u * 7 + j * (3 + u % 4) + shift) % 25}" for u in range(1, n_users + 1)
+           for j in range(6 + u % 5)]
+  path.write_text("\n".join(lines) + "\n")
+  return leave_one_out(load_dataset("pairs", str(path)))
+
+
+@pytest.mark.parametrize("mode", ["items", "user"])
+def test_slim_tables_restore_bit_for_bit(tmp_path, monkeypatch, mode):
+  kit = _kit()
+  split = _split(tmp_path / "data.txt")
+  ds = split.dataset
+  monkeypatch.setattr(pipeline, "_encoder", lambda *a: (_ for _ in ()).throw(AssertionError))
+  rng = np.random.default_rng(5)
+  np.save(tmp_path / "items.npy", rng.normal(size=(ds.n_items + 1, 16)).astype(np.float32))
+  extra = {}
+  if mode == "user":
+    np.save(tmp_path / "users.npy", rng.normal(size=(ds.n_users, 16)).astype(np.float32))
+    extra["prefix_embeddings_npy"] = str(tmp_path / "users.npy")
+  cfg = _cfg(k=3, user_mode=mode, max_history_items=4,
+             item_embeddings_npy=str(tmp_path / "items.npy"), **extra)
+  full = pipeline.build_semantic_tables(split, cfg, str(tmp_path / "full"), progress=False)
+  entry = kit.slim(str(tmp_path / "full"), str(tmp_path / "slim"))
+  slim_files = set(os.listdir(tmp_path / "slim"))
+  assert kit.PREFIX not in slim_files and kit.MANIFEST in slim_files
+  slim_bytes = sum(os.path.getsize(tmp_path / "slim" / f) for f in slim_files)
+  assert entry["rebuild"] == ("mean_item_vectors" if mode == "items" else "rows_inverse")
+  if mode == "user":  # one row per user instead of one per prefix
+    assert np.load(tmp_path / "slim" / "prefix_rows.npy").shape[0] <= ds.n_users < split.n_train
+  assert slim_bytes < sum(os.path.getsize(tmp_path / "full" / f)
+                          for f in os.listdir(tmp_path / "full") if f != "cache")
+  kit.restore(str(tmp_path / "slim"), split, cfg)
+  back = pipeline.load_tables(str(tmp_path / "slim"))
+  for name in pipeline.TABLE_NAMES:
+    np.testing.assert_array_equal(getattr(back, name), getattr(full, name))
+  # Training there loads the restored copy as it is: the fingerprint matches, nothing is rebuilt.
+  again = pipeline.build_semantic_tables(split, cfg, str(tmp_path / "slim"), progress=False)
+  assert again.stats.get("loaded_from_out_dir") is True
+  # Tables of other data are refused, naming the directory.
+  (tmp_path / "other").mkdir()
+  other = _split(tmp_path / "other" / "data.txt", shift=1)
+  with pytest.raises(ValueError, match="other data or settings"):
+    kit.restore(str(tmp_path / "slim"), other, cfg)
+  # A rebuild that does not match the original bytes is refused too.
+  manifest = (tmp_path / "slim" / kit.MANIFEST)
+  manifest.write_text(manifest.read_text().replace(entry["sha256"], "0" * 64))
+  with pytest.raises(ValueError, match="SHA-256 mismatch"):
+    kit.restore(str(tmp_path / "slim"), split, cfg)
