@@ -9,6 +9,7 @@ and relaunched with the same command ends with exactly the metrics of an uninter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -216,117 +217,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   eval_every = config.train.eval_every_steps or steps_per_epoch
   ckpt_every = config.checkpoint.every_steps or eval_every
 
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                    async_save=config.checkpoint.async_save)
-  loop = {"best_metric": None, "best_step": -1, "bad_evals": 0, "finished": False,
-          "train_seconds": 0.0, "iterator": iterator.get_state()}
-  start = ckpt.latest_step()
-  if start is not None:
-    state, loop = ckpt.restore(start, state)
-    iterator.set_state(loop["iterator"])
-    logging.info("resumed from step %d (%s)", start, json.dumps(
-        {k: v for k, v in loop.items() if k != "iterator"}))
-  step = int(jax.device_get(state.step))
-  writer = MetricWriter(workdir, enabled=is_main, resume_step=step)
+  # Closed in reverse order on every exit (results, a stop, or an error): progress bar, signal
+  # handlers, metric writer, then checkpoints, which waits for an async save in flight.
+  with contextlib.ExitStack() as cleanup:
+    ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                      async_save=config.checkpoint.async_save)
+    cleanup.callback(ckpt.close)  # waits for a pending async save, also when an error ends the run
+    loop = {"best_metric": None, "best_step": -1, "bad_evals": 0, "finished": False,
+            "train_seconds": 0.0, "iterator": iterator.get_state()}
+    start = ckpt.latest_step()
+    if start is not None:
+      state, loop = ckpt.restore(start, state)
+      iterator.set_state(loop["iterator"])
+      logging.info("resumed from step %d (%s)", start, json.dumps(
+          {k: v for k, v in loop.items() if k != "iterator"}))
+    step = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=step)
+    cleanup.callback(writer.close)
 
-  metric_name = config.train.early_stop_metric
-  lower_is_better = config.train.get("early_stop_mode", "max") == "min"
-  stop_at = config.train.stop_at_step
-  preemption = PreemptionWatch()
-  t_start = time.perf_counter() - loop["train_seconds"]
-  pending = []  # device-side train metrics since the last log
-  progress = _progress(num_steps, step, enabled=is_main and config.train.progress)
-  while not loop["finished"] and step < num_steps:
-    state, train_metrics = train_step(state, next(iterator))
-    step += 1
-    pending.append(train_metrics)
-    progress.update(1)
-    if step % config.train.log_every_steps == 0 or step % eval_every == 0 or step == num_steps:
-      summary = _summarise(pending)
-      pending = []
-      if not math.isfinite(summary["loss"]):
-        raise FloatingPointError(f"non-finite training loss {summary['loss']} at step {step}; "
-                                 "lower config.optim.lr or set config.optim.grad_clip")
-      progress.set_postfix(loss=f"{summary['loss']:.4f}", epoch=iterator.epoch)
-      writer.write(step, "train", summary)
-    if step % eval_every == 0 or step == num_steps:
-      valid = evaluate(state.params, "valid")
-      writer.write(step, "valid", valid)
-      value = valid[metric_name]
-      if loop["best_metric"] is None or _improves(value, loop["best_metric"], lower_is_better):
-        loop.update(best_metric=value, best_step=step, bad_evals=0)
-        ckpt.save_best(step, state.params, {"step": step, "valid": valid})
-      else:
-        loop["bad_evals"] += 1
-      logging.info("step %d epoch %d valid %s=%.5f (best %.5f at %d, %d/%d bad evals)", step,
-                   iterator.epoch, metric_name, value, loop["best_metric"], loop["best_step"],
-                   loop["bad_evals"], config.train.patience)
-      if config.train.patience > 0 and loop["bad_evals"] >= config.train.patience:
-        logging.info("early stop at step %d: no %s gain for %d evaluations", step, metric_name,
-                     loop["bad_evals"])
+    metric_name = config.train.early_stop_metric
+    lower_is_better = config.train.get("early_stop_mode", "max") == "min"
+    stop_at = config.train.stop_at_step
+    preemption = PreemptionWatch()
+    cleanup.callback(preemption.restore)
+    t_start = time.perf_counter() - loop["train_seconds"]
+    pending = []  # device-side train metrics since the last log
+    progress = _progress(num_steps, step, enabled=is_main and config.train.progress)
+    cleanup.callback(progress.close)
+    while not loop["finished"] and step < num_steps:
+      state, train_metrics = train_step(state, next(iterator))
+      step += 1
+      pending.append(train_metrics)
+      progress.update(1)
+      if step % config.train.log_every_steps == 0 or step % eval_every == 0 or step == num_steps:
+        summary = _summarise(pending)
+        pending = []
+        if not math.isfinite(summary["loss"]):
+          raise FloatingPointError(f"non-finite training loss {summary['loss']} at step {step}; "
+                                   "lower config.optim.lr or set config.optim.grad_clip")
+        progress.set_postfix(loss=f"{summary['loss']:.4f}", epoch=iterator.epoch)
+        writer.write(step, "train", summary)
+      if step % eval_every == 0 or step == num_steps:
+        valid = evaluate(state.params, "valid")
+        writer.write(step, "valid", valid)
+        value = valid[metric_name]
+        if loop["best_metric"] is None or _improves(value, loop["best_metric"], lower_is_better):
+          loop.update(best_metric=value, best_step=step, bad_evals=0)
+          ckpt.save_best(step, state.params, {"step": step, "valid": valid})
+        else:
+          loop["bad_evals"] += 1
+        logging.info("step %d epoch %d valid %s=%.5f (best %.5f at %d, %d/%d bad evals)", step,
+                     iterator.epoch, metric_name, value, loop["best_metric"], loop["best_step"],
+                     loop["bad_evals"], config.train.patience)
+        if config.train.patience > 0 and loop["bad_evals"] >= config.train.patience:
+          logging.info("early stop at step %d: no %s gain for %d evaluations", step, metric_name,
+                       loop["bad_evals"])
+          loop["finished"] = True
+      if step == num_steps:
         loop["finished"] = True
-    if step == num_steps:
-      loop["finished"] = True
-    if loop["finished"] or step % ckpt_every == 0 or step == stop_at:
-      loop["train_seconds"] = time.perf_counter() - t_start
-      loop["iterator"] = iterator.get_state()
-      ckpt.save(step, state, loop)
-    preempted = preemption.should_stop(step, every=config.train.log_every_steps)
-    if preempted and not (loop["finished"] or step % ckpt_every == 0 or step == stop_at):
-      loop["train_seconds"] = time.perf_counter() - t_start
-      loop["iterator"] = iterator.get_state()
-      ckpt.save(step, state, loop)
-    if step == stop_at or preempted:
-      why = "a termination signal" if preempted else "config.train.stop_at_step"
-      logging.info("stopping at step %d (%s); relaunch the same command to resume", step, why)
-      ckpt.close()  # waits for the pending async save
-      progress.close()
-      writer.close()
-      preemption.restore()
-      return {"stopped_at_step": step}
-  progress.close()
-  ckpt.wait()
+      preempted = preemption.should_stop(step, every=config.train.log_every_steps)
+      if loop["finished"] or step % ckpt_every == 0 or step == stop_at or preempted:
+        loop["train_seconds"] = time.perf_counter() - t_start
+        loop["iterator"] = iterator.get_state()
+        ckpt.save(step, state, loop)
+      if step == stop_at or preempted:
+        why = "a termination signal" if preempted else "config.train.stop_at_step"
+        logging.info("stopping at step %d (%s); relaunch the same command to resume", step, why)
+        ckpt.wait()  # the save above completes while our signal handlers are still installed
+        return {"stopped_at_step": step}
+    progress.close()
+    ckpt.wait()
 
-  # Test at the best validation checkpoint. Training is finished and checkpointed, so a
-  # termination signal from here on abandons the evaluation (a relaunch redoes only it) instead
-  # of killing the process mid-way or making it evaluate for minutes past its notice.
-  params, best_meta = ckpt.restore_best(state.params)
-  final_evaluate = exp.final_evaluate or evaluate
-  try:
-    preemption.interrupt_from_now()
-    evaluated = {split_name: final_evaluate(params, split_name) for split_name in ("valid", "test")}
-  except Preempted:
-    logging.info("stopped during the final evaluation (a termination signal); training is "
-                 "finished and checkpointed at step %d: relaunch the same command to evaluate",
-                 step)
-    ckpt.close()
-    writer.close()
-    return {"stopped_at_step": step}
-  finally:
-    preemption.restore()
-  results = {
-      "valid": evaluated["valid"],
-      "test": evaluated["test"],
-      "best_step": int(best_meta["step"]),
-      "train_seconds": float(loop["train_seconds"]),
-      "steps": step,
-      "epochs": step / steps_per_epoch,
-      "dataset": exp.summary or dataset.summary(),
-      "n_params": n_params,
-      "devices": jax.device_count(),
-      "processes": jax.process_count(),
-  }
-  writer.write(results["best_step"], "test", results["test"])
-  if is_main:
-    fileio.atomic_write(os.path.join(workdir, RESULTS_FILE),
-                        lambda f: json.dump(results, f, indent=2), mode="w")
-    shown = ", ".join(f"{k} {results['test'][k]:.4f}" for k in ("NDCG@10", "HR@10", "Recall@10")
-                      if k in results["test"])
-    logging.info("results written to %s (test %s at step %d)", os.path.join(workdir, RESULTS_FILE),
-                 shown or "-", results["best_step"])
-  ckpt.close()
-  writer.close()
-  return results
+    # Test at the best validation checkpoint. Training is finished and checkpointed, so a
+    # termination signal from here on abandons the evaluation (a relaunch redoes only it) instead
+    # of killing the process mid-way or making it evaluate for minutes past its notice.
+    params, best_meta = ckpt.restore_best(state.params)
+    final_evaluate = exp.final_evaluate or evaluate
+    try:
+      preemption.interrupt_from_now()
+      evaluated = {split_name: final_evaluate(params, split_name)
+                   for split_name in ("valid", "test")}
+    except Preempted:
+      logging.info("stopped during the final evaluation (a termination signal); training is "
+                   "finished and checkpointed at step %d: relaunch the same command to evaluate",
+                   step)
+      return {"stopped_at_step": step}
+    finally:
+      preemption.restore()  # the default handlers again while `cleanup` waits for saves
+    results = {
+        "valid": evaluated["valid"],
+        "test": evaluated["test"],
+        "best_step": int(best_meta["step"]),
+        "train_seconds": float(loop["train_seconds"]),
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "dataset": exp.summary or dataset.summary(),
+        "n_params": n_params,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+    }
+    writer.write(results["best_step"], "test", results["test"])
+    if is_main:
+      fileio.atomic_write(os.path.join(workdir, RESULTS_FILE),
+                          lambda f: json.dump(results, f, indent=2), mode="w")
+      shown = ", ".join(f"{k} {results['test'][k]:.4f}" for k in ("NDCG@10", "HR@10", "Recall@10")
+                        if k in results["test"])
+      logging.info("results written to %s (test %s at step %d)",
+                   os.path.join(workdir, RESULTS_FILE), shown or "-", results["best_step"])
+    return results
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:

@@ -251,3 +251,36 @@ def test_signal_during_final_evaluation_stops_cleanly_and_resumes(pairs_file, tm
   assert again["test"] == straight["test"] and again["steps"] == 20
   rows = [r for r in _read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["split"] == "train"]
   assert [r["step"] for r in rows] == [5, 10, 15, 20]  # no step trained twice
+
+
+def test_an_error_mid_run_keeps_its_checkpoints_and_hands_signals_back(pairs_file, tmp_path,
+                                                                      monkeypatch):
+  """A run that raises (here a non-finite loss at step 15) still completes the async save it
+  started, closes its checkpoints and restores the signal handlers; the relaunch resumes there."""
+  import signal  # pylint: disable=g-import-not-at-top
+  c = small_config(pairs_file)
+  c.train.num_steps = 20
+  c.checkpoint.async_save = True
+  straight = loop.train_and_evaluate(c, str(tmp_path / "a"))
+  summarise = loop._summarise  # pylint: disable=protected-access
+  seen = [0]
+
+  def nan_from_step_15(pending):  # called every log_every_steps = 5 steps
+    seen[0] += len(pending)
+    out = summarise(pending)
+    return dict(out, loss=float("nan")) if seen[0] >= 15 else out
+
+  monkeypatch.setattr(loop, "_summarise", nan_from_step_15)
+  mine = lambda signum, frame: None  # noqa: E731
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 15"):
+      loop.train_and_evaluate(c, str(tmp_path / "b"))
+    assert signal.getsignal(signal.SIGTERM) is mine  # handed back despite the error
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  monkeypatch.undo()
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "b" / "checkpoints") if d.isdigit())
+  assert saved and saved[-1] == 10  # the last periodic save before the error, complete
+  again = loop.train_and_evaluate(c, str(tmp_path / "b"))
+  assert again["test"] == straight["test"] and again["steps"] == 20
