@@ -325,6 +325,24 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
   return paths
 
 
+def _describe(how: str, returncode: int) -> str:
+  """A run's `_outcome` in words, as the sweep prints it after the run's name."""
+  return {"finished": "finished", "killed": f"killed by signal {-returncode}",
+          "failed": f"failed (exit {returncode})",
+          "stopped": "stopped before it finished"}[how]  # e.g. checkpointed on SIGTERM
+
+
+def _outcome(run_dir: str, mode: str, returncode: int, signalled: bool) -> str:
+  """How a run ended: "finished" (its result file exists), "killed" (by a signal, exit < 0),
+  "failed" (exit > 0 while the sweep was not signalled) or "stopped" (no result otherwise: it
+  checkpointed and exited, e.g. on the SIGTERM the sweep passed on)."""
+  if os.path.exists(os.path.join(run_dir, result_file(mode))):
+    return "finished"
+  if returncode < 0:
+    return "killed"
+  return "failed" if returncode and not signalled else "stopped"
+
+
 def run_serially(todo, n_total: int, workdir: str, mode: str, needs=None) -> None:
   """One run after another, output to the terminal; stops after a preempted run, or before a run
   whose source runs (`needs`: name -> run names) have not finished.
@@ -344,21 +362,15 @@ def run_serially(todo, n_total: int, workdir: str, mode: str, needs=None) -> Non
           flush=True)
     os.makedirs(os.path.join(workdir, name), exist_ok=True)
     returncode, signalled = _run_passing_signals(cmd)
-    if os.path.exists(os.path.join(workdir, name, result_file(mode))):
-      if not signalled:
-        continue
-      print(f"{name} finished; the sweep was signalled: relaunch the same command to go on",
-            flush=True)
-    elif returncode < 0:
-      print(f"{name} was killed by signal {-returncode}; its checkpoints are kept: relaunch the "
-            f"same command to resume", flush=True)
-    elif returncode and not signalled:
+    how = _outcome(os.path.join(workdir, name), mode, returncode, signalled)
+    if how == "finished" and not signalled:
+      continue
+    if how == "failed":
       raise RuntimeError(f"sweep run {name} failed (exit {returncode}); command: "
                          f"{' '.join(cmd)}")
-    else:
-      # A training run stopped by SIGTERM/SIGINT checkpoints and exits 0 without results.json:
-      # stop the sweep too (relaunching resumes that run) instead of starting the next one.
-      print(f"{name} stopped before it finished; relaunch the same command to resume", flush=True)
+    hint = "the sweep was signalled" if how == "finished" else "its checkpoints are kept"
+    print(f"{name} {_describe(how, returncode)}; {hint}: relaunch the same command to go on",
+          flush=True)
     break
 
 
@@ -397,10 +409,10 @@ def _run_passing_signals(cmd):
 def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
   """Up to `parallel` training runs at once, each logging to <run>/train.log.
 
-  A run that fails or stops without results.json (preempted) stops new launches, and the runs
-  in flight finish. SIGTERM or SIGINT to the sweep is passed on to the runs in flight as SIGTERM:
-  each checkpoints and exits, and the same command resumes them. A run that fails for another
-  reason is raised once the others have ended.
+  A run that fails, is killed by a signal or stops without results.json (preempted) stops new
+  launches, and the runs in flight finish. SIGTERM or SIGINT to the sweep is passed on to the
+  runs in flight as SIGTERM: each checkpoints and exits, and the same command resumes them. A
+  run that failed (exit > 0, the sweep not signalled) is raised once the others have ended.
   """
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -424,16 +436,13 @@ def run_concurrently(todo, n_total: int, workdir: str, parallel: int) -> None:
           continue
         active.remove(run)
         log.close()
-        done = os.path.exists(os.path.join(workdir, name, result_file("train")))
-        if done:
-          how = "finished"
-        elif proc.returncode and not state["signalled"]:
-          how = f"failed (exit {proc.returncode})"
+        how = _outcome(os.path.join(workdir, name), "train", proc.returncode,
+                       state["signalled"])
+        if how == "failed":
           failed.append(name)
-        else:
-          how = "stopped before it finished"
-        print(f"[{i + 1}/{n_total}] {name}: {how} after {time.time() - t0:.0f} s", flush=True)
-        if not done:
+        print(f"[{i + 1}/{n_total}] {name}: {_describe(how, proc.returncode)} after "
+              f"{time.time() - t0:.0f} s", flush=True)
+        if how != "finished":
           stopped = True
   if (stopped or state["signalled"]) and (pending or state["signalled"]):
     print(f"{len(pending)} runs not started; relaunch the same command to resume", flush=True)

@@ -291,3 +291,12 @@ def test_serial_sweep_passes_signals_on_and_stops_on_a_killed_run(tmp_path):
   assert not (tmp_path / "sw2" / "never").exists()
   with pytest.raises(RuntimeError, match="sweep run f failed"):
     sweep_lib.run_serially([(0, "f", ["false"])], 1, str(tmp_path / "sw3"), "train")
+  # Run side by side, the same outcomes read the same way: killed -> stop with a message, failed
+  # -> raise once the others have ended, and nothing new starts after either.
+  (tmp_path / "sw4").mkdir()
+  sweep_lib.run_concurrently(killed, 2, str(tmp_path / "sw4"), 1)  # no raise
+  assert not (tmp_path / "sw4" / "never").exists()
+  with pytest.raises(RuntimeError, match=r"sweep runs failed: \['f'\]"):
+    sweep_lib.run_concurrently([(0, "f", ["false"]), (1, "never", ["true"])], 2,
+                               str(tmp_path / "sw5"), 1)
+  assert not (tmp_path / "sw5" / "never").exists()
