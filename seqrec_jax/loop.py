@@ -190,6 +190,13 @@ def build_experiment(config: ml_collections.ConfigDict, split=None, workdir: str
                     train_step, evaluate, iterator, steps_per_epoch, num_steps, n_params)
 
 
+def final_metrics(exp: Experiment, params) -> Dict[str, Dict[str, float]]:
+  """{"valid": ..., "test": ...} metrics of `params` by `exp.final_evaluate` (default:
+  `exp.evaluate`), as results.json and `evaluate_workdir` report them."""
+  final_evaluate = exp.final_evaluate or exp.evaluate
+  return {split_name: final_evaluate(params, split_name) for split_name in ("valid", "test")}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains with early stopping on validation, then tests the best checkpoint.
 
@@ -292,11 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     # termination signal from here on abandons the evaluation (a relaunch redoes only it) instead
     # of killing the process mid-way or making it evaluate for minutes past its notice.
     params, best_meta = ckpt.restore_best(state.params)
-    final_evaluate = exp.final_evaluate or evaluate
     try:
       preemption.interrupt_from_now()
-      evaluated = {split_name: final_evaluate(params, split_name)
-                   for split_name in ("valid", "test")}
+      evaluated = final_metrics(exp, params)
     except Preempted:
       logging.info("stopped during the final evaluation (a termination signal); training is "
                    "finished and checkpointed at step %d: relaunch the same command to evaluate",
@@ -361,9 +366,7 @@ def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, A
     params, meta = ckpt.restore_best(exp.state.params)
   finally:
     ckpt.close()
-  final_evaluate = exp.final_evaluate or exp.evaluate
-  return {"valid": final_evaluate(params, "valid"), "test": final_evaluate(params, "test"),
-          "best_step": int(meta["step"])}
+  return dict(final_metrics(exp, params), best_step=int(meta["step"]))
 
 
 class Preempted(Exception):
