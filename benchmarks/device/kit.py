@@ -33,13 +33,13 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from seqrec_jax import loop  # pylint: disable=g-import-not-at-top
+from seqrec_jax import fileio  # pylint: disable=g-import-not-at-top
+from seqrec_jax import loop
 from sracl_jax.semantic import pipeline
 
 MANIFEST = "kit_manifest.json"
 PREFIX = "prefix_embeddings.npy"
 FLAGS = flags.FLAGS
-
 
 
 def _sha256(arr: np.ndarray) -> str:
@@ -78,9 +78,8 @@ def rebuild_prefixes(dst: str, entry: dict, split, semantic_cfg) -> np.ndarray:
     raise ValueError(f"{dst}/{MANIFEST}: unknown rebuild method {entry['rebuild']!r}")
   opts = pipeline.resolve_config(semantic_cfg)
   item_embeddings = np.load(os.path.join(dst, "item_embeddings.npy"), allow_pickle=False)
-  starts, ends, _ = pipeline._user_windows(split, "items")  # pylint: disable=protected-access
-  return pipeline.mean_item_vectors(item_embeddings, split.dataset.items, starts, ends,
-                                    int(opts["max_history_items"]))
+  return pipeline.items_mode_prefix_vectors(split, item_embeddings,
+                                            int(opts["max_history_items"]))
 
 
 def restore(dst: str, split, semantic_cfg) -> None:
@@ -102,10 +101,8 @@ def restore(dst: str, split, semantic_cfg) -> None:
   if list(prefix.shape) != entry["shape"] or _sha256(prefix) != entry["sha256"]:
     raise ValueError(f"{dst}: rebuilt prefix embeddings {prefix.shape} differ from the "
                      f"original {entry['shape']} (SHA-256 mismatch)")
-  tmp = os.path.join(dst, PREFIX + ".tmp")
-  with open(tmp, "wb") as f:
-    np.save(f, prefix, allow_pickle=False)
-  os.replace(tmp, os.path.join(dst, PREFIX))
+  # A temporary file of its own: two jobs of run_jobs.sh may restore the same copy at once.
+  fileio.atomic_write(os.path.join(dst, PREFIX), lambda f: np.save(f, prefix, allow_pickle=False))
 
 
 def main(argv):

@@ -423,6 +423,14 @@ def _user_windows(split: Any, user_mode: str) -> Tuple[np.ndarray, np.ndarray, n
   return offsets[users].astype(np.int64), split.train_end[users].astype(np.int64), users
 
 
+def items_mode_prefix_vectors(split: Any, item_embeddings: np.ndarray,
+                              max_history_items: int) -> np.ndarray:
+  """`user_mode="items"` prefix vectors: [n_train, S], row j the normalised mean embedding of
+  training example j's last `max_history_items` input items (`mean_item_vectors`)."""
+  starts, ends, _ = _user_windows(split, "items")
+  return mean_item_vectors(item_embeddings, split.dataset.items, starts, ends, max_history_items)
+
+
 def _item_histories(split: Any, seed: int = 0) -> List[List[List[str]]]:
   """Per item 1..n_items: up to 5 title sequences of training examples whose target it is.
 
@@ -600,8 +608,8 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
     if opts["prefix_embeddings_npy"]:
       raise ValueError("semantic.prefix_embeddings_npy is not used with user_mode='items' (the "
                        "prefix vectors come from the item embeddings); use user_mode='prefix'")
-    vecs = mean_item_vectors(item_embeddings, ds.items, starts, ends,
-                             int(opts["max_history_items"]))  # [n_train, S]
+    vecs = items_mode_prefix_vectors(split, item_embeddings,
+                                     int(opts["max_history_items"]))  # [n_train, S]
     stats["prefix_text_source"] = (f"mean of the last {int(opts['max_history_items'])} item "
                                    "embeddings")
     stats["items_prefix_seconds"] = time.perf_counter() - t0
