@@ -10,9 +10,11 @@ exists are skipped, so an interrupted sweep resumes (and each run resumes from i
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept numeric key
 (test metric vs value), or sweep_runs.png (bars per run) when no key is numeric. When the sweep
 has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md
-and sweep_seeds.png give each arm's mean ± std over its finished seeds. A run that stops early
-(SIGTERM: checkpointed, no results.json), or one killed by a signal, stops the sweep; the same
-command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as SIGTERM.
+and sweep_seeds.png give each arm's mean ± std over its finished seeds, and sweep_paired.md
+compares the first arm with each other arm user by user (launch/compare_runs.py).
+A run that stops early (SIGTERM: checkpointed, no results.json), or one killed by a signal, stops
+the sweep; the same command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as
+SIGTERM.
 
 `--mode benchmark` runs `launch/benchmark.py` instead of training (each run writes
 <run>/benchmark.json and is skipped when it exists) and tabulates and plots its speed figures:
@@ -224,6 +226,37 @@ def write_seed_table(workdir: str, groups, metrics) -> None:
       cells = [(f"{g[f'test {m}']:.4f} ± {g[f'test {m} std']:.4f}" if g["n"] else "-")
                for m in metrics]
       f.write(f"| {g['arm']} | {g['n']}/{g['seeds']} | " + " | ".join(cells) + " |\n")
+
+
+PAIRED_RESAMPLES = 2000  # bootstrap / sign-flip resamples of sweep_paired.md
+
+
+def write_paired_tables(workdir: str, sweep, metrics) -> str:
+  """sweep_paired.md: the first arm (SRA-CL in the sracl sweeps) against each other arm, paired
+  per user over the finished runs' eval_ranks.npz (seqrec_jax/paired.py). Returns the path, or
+  "" when fewer than two arms have finished runs with ranks."""
+  from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
+  arms: Dict[str, List[str]] = {}
+  for overrides in sweep:
+    run_dir = os.path.join(workdir, run_name(overrides))
+    runs = arms.setdefault(group_name(overrides), [])
+    if os.path.exists(os.path.join(run_dir, paired.RANKS_FILE)):
+      runs.append(run_dir)
+  names = list(arms)
+  if len(names) < 2 or not arms[names[0]]:
+    return ""
+  first = names[0]
+  parts = [f"# Paired per-user comparisons: {first} against each arm\n"]
+  for name in names[1:]:
+    if not arms[name]:
+      parts.append(f"## {first} vs {name}\n\n(no finished run with {paired.RANKS_FILE} yet)\n")
+      continue
+    result = paired.compare(arms[first], arms[name], metrics, n_resamples=PAIRED_RESAMPLES)
+    parts.append(f"## {first} vs {name}\n\n" + paired.to_markdown(result, first, name))
+  path = os.path.join(workdir, "sweep_paired.md")
+  with open(path, "w") as f:
+    f.write("\n".join(parts))
+  return path
 
 
 MAX_PLOT_COLUMNS = 4  # panels per row; more metrics wrap onto further rows
@@ -511,6 +544,9 @@ def main(argv):
     write_seed_table(workdir, groups, metrics)
     pngs += plot_seed_groups(workdir, groups, metrics)
     print(open(os.path.join(workdir, "sweep_seeds.md")).read())
+    paired_md = write_paired_tables(workdir, sweep, metrics)
+    if paired_md:
+      print(open(paired_md).read())
   elif not pngs and mode == "train":
     pngs += plot_runs(workdir, rows, metrics)
   print("wrote", os.path.join(workdir, "sweep.csv"), *pngs)

@@ -34,6 +34,7 @@ from seqrec_jax import fileio
 from seqrec_jax import metrics as metrics_lib
 from seqrec_jax import models
 from seqrec_jax import optim
+from seqrec_jax import paired
 from seqrec_jax import sharding
 from seqrec_jax import tasks as tasks_lib
 from seqrec_jax import train_state as ts
@@ -41,6 +42,7 @@ from seqrec_jax.config_check import validate_config
 from seqrec_jax.writers import MetricWriter
 
 RESULTS_FILE = "results.json"
+RANKS_FILE = paired.RANKS_FILE  # per-user target ranks of the final evaluation
 
 
 def load_split(config: ml_collections.ConfigDict) -> data_lib.LeaveOneOutSplit:
@@ -66,6 +68,7 @@ class Evaluator:
   ks: tuple
   history_len: int
   backbone: Any = staticmethod(lambda params: params)
+  rank_fn: Any = None  # `step_fn` that also returns each row's rank (`eval_step(with_ranks=True)`)
 
   def __call__(self, params: Any, stage: str) -> Dict[str, float]:
     """Metrics of `stage` ("valid" or "test") for the task's full parameters `params`."""
@@ -76,6 +79,23 @@ class Evaluator:
       total = metrics_lib.accumulate(total, self.step_fn(params,
                                                          self.partitioner.shard_inputs(host_batch)))
     return metrics_lib.normalise(jax.device_get(total), self.ks)
+
+  def with_ranks(self, params: Any, stage: str):
+    """(metrics, {"ranks": [n_eval], "targets": [n_eval]}) of `stage` in one pass; row i is
+    `split.eval_users[i]` (every process gets all rows)."""
+    if self.rank_fn is None:
+      raise ValueError("this evaluator has no rank step")
+    params = self.backbone(params)
+    total, rows = None, []
+    for host_batch in data_lib.eval_batches(self.split, stage, self.max_len, self.batch_size,
+                                            history_len=self.history_len):
+      sums, per_row = self.rank_fn(params, self.partitioner.shard_inputs(host_batch))
+      total = metrics_lib.accumulate(total, sums)
+      rows.append(per_row)
+    rows = jax.device_get(rows)
+    n = len(self.split.eval_users)  # the padding rows of the last batch come last
+    return metrics_lib.normalise(jax.device_get(total), self.ks), {
+        k: np.concatenate([r[k] for r in rows])[:n].astype(np.int32) for k in ("ranks", "targets")}
 
 
 def _num_steps(config, steps_per_epoch: int) -> int:
@@ -175,26 +195,46 @@ def build_experiment(config: ml_collections.ConfigDict, split=None, workdir: str
   eval_spec = {"inputs": 2, "targets": 1, "users": 1, "weights": 1}
   if history_len:
     eval_spec["history"] = 2
-  eval_step = partitioner.partition_step(
-      functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
-                        exclude_seen=bool(config.eval.exclude_seen),
-                        blocked_chunk=(task.softmax.chunk_size
-                                       if getattr(task, "softmax", None) is not None
-                                       and task.softmax.kind != "full" else None)),
-      in_shardings=(task.backbone_params(state_shardings.params),
-                    {k: partitioner.batch_sharding(n) for k, n in eval_spec.items()}),
-      out_shardings=partitioner.replicated)
-  evaluate = Evaluator(split, partitioner, eval_step, max_len, config.eval.batch_size,
-                       tuple(config.eval.ks), history_len, task.backbone_params)
+  def partitioned_eval_step(with_ranks):
+    return partitioner.partition_step(
+        functools.partial(ts.eval_step, model=model, ks=tuple(config.eval.ks),
+                          exclude_seen=bool(config.eval.exclude_seen),
+                          blocked_chunk=(task.softmax.chunk_size
+                                         if getattr(task, "softmax", None) is not None
+                                         and task.softmax.kind != "full" else None),
+                          with_ranks=with_ranks),
+        in_shardings=(task.backbone_params(state_shardings.params),
+                      {k: partitioner.batch_sharding(n) for k, n in eval_spec.items()}),
+        out_shardings=partitioner.replicated)
+
+  evaluate = Evaluator(split, partitioner, partitioned_eval_step(False), max_len,
+                       config.eval.batch_size, tuple(config.eval.ks), history_len,
+                       task.backbone_params, rank_fn=partitioned_eval_step(True))
   return Experiment(config, split, partitioner, model, task, consts, tx, state, state_shardings,
                     train_step, evaluate, iterator, steps_per_epoch, num_steps, n_params)
 
 
-def final_metrics(exp: Experiment, params) -> Dict[str, Dict[str, float]]:
+def final_metrics(exp: Experiment, params, *,
+                  ranks_path: Optional[str] = None) -> Dict[str, Dict[str, float]]:
   """{"valid": ..., "test": ...} metrics of `params` by `exp.final_evaluate` (default:
-  `exp.evaluate`), as results.json and `evaluate_workdir` report them."""
-  final_evaluate = exp.final_evaluate or exp.evaluate
-  return {split_name: final_evaluate(params, split_name) for split_name in ("valid", "test")}
+  `exp.evaluate`), as results.json and `evaluate_workdir` report them.
+
+  With `ranks_path`, where the experiment ranks every item (not CALRec's generate-and-retrieve
+  evaluation), each evaluated user's 0-based target rank on both stages is written there too
+  (`RANKS_FILE`: users, valid_/test_targets, valid_/test_ranks), from the same pass as the
+  metrics, for per-user paired comparisons of runs (`launch/compare_runs.py`).
+  """
+  stages = ("valid", "test")
+  if exp.final_evaluate is not None or ranks_path is None or exp.evaluate.rank_fn is None:
+    final_evaluate = exp.final_evaluate or exp.evaluate
+    return {stage: final_evaluate(params, stage) for stage in stages}
+  out, arrays = {}, {"users": np.asarray(exp.split.eval_users, np.int32)}
+  for stage in stages:
+    out[stage], rows = exp.evaluate.with_ranks(params, stage)
+    arrays.update({f"{stage}_{k}": v for k, v in rows.items()})
+  if jax.process_index() == 0:
+    fileio.atomic_write(ranks_path, lambda f: np.savez(f, **arrays))
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -301,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     params, best_meta = ckpt.restore_best(state.params)
     try:
       preemption.interrupt_from_now()
-      evaluated = final_metrics(exp, params)
+      evaluated = final_metrics(exp, params, ranks_path=os.path.join(workdir, RANKS_FILE))
     except Preempted:
       logging.info("stopped during the final evaluation (a termination signal); training is "
                    "finished and checkpointed at step %d: relaunch the same command to evaluate",
@@ -347,26 +387,35 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def evaluate_workdir(workdir: str, *, exclude_seen: bool = False) -> Dict[str, Any]:
+def evaluate_workdir(workdir: str, *, exclude_seen: bool = False,
+                     write_ranks: bool = False) -> Dict[str, Any]:
   """Valid and test metrics of a workdir's best checkpoint.
 
   Args:
     workdir: a workdir written by `train_and_evaluate`.
     exclude_seen: rank with history items removed (off in both papers' protocol).
+    write_ranks: also (re)write `<workdir>/eval_ranks.npz`, each user's target ranks, as a
+      finished run writes them (for runs finished before runs wrote it). Refused with
+      `exclude_seen`, whose ranks are not the run's protocol.
 
   Returns:
     {"valid": {...}, "test": {...}, "best_step": n}.
   """
+  if write_ranks and exclude_seen:
+    raise ValueError("write_ranks with exclude_seen would overwrite the run's ranks with another "
+                     "protocol's; pass one of them")
   config = load_workdir_config(workdir)
   config.eval.exclude_seen = bool(exclude_seen)
-  exp = make_experiment(config, workdir=os.path.abspath(os.path.expanduser(workdir)))
+  exp_dir = os.path.abspath(os.path.expanduser(workdir))
+  exp = make_experiment(config, workdir=exp_dir)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                     async_save=False)
   try:
     params, meta = ckpt.restore_best(exp.state.params)
   finally:
     ckpt.close()
-  return dict(final_metrics(exp, params), best_step=int(meta["step"]))
+  ranks_path = os.path.join(exp_dir, RANKS_FILE) if write_ranks else None
+  return dict(final_metrics(exp, params, ranks_path=ranks_path), best_step=int(meta["step"]))
 
 
 class Preempted(Exception):

@@ -89,3 +89,19 @@ def accumulate(total: Optional[Dict[str, jax.Array]],
   if total is None:
     return dict(batch_sums)
   return {k: total[k] + batch_sums[k] for k in total}
+
+
+def per_row(ranks: np.ndarray, metric: str) -> np.ndarray:
+  """Host-side: each row's value of `metric` ("HR@10", "NDCG@20", "MRR@5", ...) from its 0-based
+  rank, so that the mean over rows is the metric `normalise` reports."""
+  name, _, k = metric.partition("@")
+  if name not in METRIC_NAMES or not k.isdigit() or int(k) < 1:
+    raise ValueError(f"unknown metric {metric!r}: expected one of {METRIC_NAMES} '@' a cut-off "
+                     "such as NDCG@10")
+  ranks = np.asarray(ranks, dtype=np.float64)
+  inside = (ranks < int(k)).astype(np.float64)
+  if name == "HR":
+    return inside
+  if name == "NDCG":
+    return inside / np.log2(ranks + 2.0)
+  return inside / (ranks + 1.0)

@@ -71,8 +71,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], consts: Dict[str,
 
 def eval_step(backbone_params: Any, batch: Dict[str, jax.Array], *, model: nn.Module,
               ks: Sequence[int] = metrics_lib.DEFAULT_KS, exclude_seen: bool = False,
-              blocked_chunk: Optional[int] = None):
+              blocked_chunk: Optional[int] = None, with_ranks: bool = False):
   """Full-ranking metric sums for one batch (the target is ranked among all items).
+
+  With `with_ranks` it returns `(sums, {"ranks": [B], "targets": [B]})`: each row's 0-based
+  target rank too, for per-user comparisons of runs (`loop.final_metrics`).
 
   With `blocked_chunk` (large catalogues: `config.model.softmax` other than "full") the ranks are
   counted over item blocks of that many rows, sharded over the item axis
@@ -91,4 +94,7 @@ def eval_step(backbone_params: Any, batch: Dict[str, jax.Array], *, model: nn.Mo
     scores = model.apply({"params": backbone_params}, batch["inputs"], False,
                          method=tasks._logits_at_last)  # [B, V]
     ranks = metrics_lib.target_ranks(scores, batch["targets"], exclude)
-  return metrics_lib.ranking_sums(ranks, batch["weights"], ks)
+  sums = metrics_lib.ranking_sums(ranks, batch["weights"], ks)
+  if with_ranks:
+    return sums, {"ranks": ranks, "targets": batch["targets"]}
+  return sums

@@ -201,6 +201,27 @@ def test_evaluate_workdir_reproduces_results(pairs_file, tmp_path):
   results = loop.train_and_evaluate(c, str(tmp_path))
   again = loop.evaluate_workdir(str(tmp_path))
   assert again["test"] == results["test"] and again["best_step"] == results["best_step"]
+  # The finished run wrote every evaluated user's target rank; the metrics follow from them.
+  with np.load(tmp_path / loop.RANKS_FILE) as f:
+    written = {k: f[k] for k in f.files}
+  split = loop.make_experiment(c, workdir=str(tmp_path)).split
+  np.testing.assert_array_equal(written["users"], split.eval_users)
+  items, offsets = split.dataset.items, split.dataset.offsets
+  for stage, gap in (("valid", 2), ("test", 1)):
+    np.testing.assert_array_equal(written[f"{stage}_targets"],
+                                  items[offsets[split.eval_users + 1] - gap])
+    ranks = written[f"{stage}_ranks"]
+    assert ranks.min() >= 0 and ranks.max() < split.dataset.n_items
+    for key, value in results[stage].items():
+      np.testing.assert_allclose(metrics_lib.per_row(ranks, key).mean(), value, rtol=1e-5,
+                                 err_msg=f"{stage} {key}")
+  os.remove(tmp_path / loop.RANKS_FILE)
+  loop.evaluate_workdir(str(tmp_path), write_ranks=True)  # for runs finished before the file
+  with np.load(tmp_path / loop.RANKS_FILE) as f:
+    for k, v in written.items():
+      np.testing.assert_array_equal(f[k], v)
+  with pytest.raises(ValueError, match="exclude_seen"):
+    loop.evaluate_workdir(str(tmp_path), exclude_seen=True, write_ranks=True)
   excluded = loop.evaluate_workdir(str(tmp_path), exclude_seen=True)
   # Removing history items can only move targets up.
   assert excluded["test"]["HR@10"] >= results["test"]["HR@10"]

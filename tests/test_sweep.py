@@ -112,6 +112,30 @@ def test_seed_groups_average_each_arm_over_its_seeds(tmp_path):
   assert sweep.seed_groups(rows, [{"sracl.alpha": 0.0}] * 5, ["HR@10"]) == []  # no seed key
 
 
+def test_paired_tables_compare_the_first_arm_with_each_other(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import sweep  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
+  plan = ([{"seed": s} for s in (1, 2)] + [{"sracl.alpha": 0.0, "seed": s} for s in (1, 2)] +
+          [{"sracl.beta": 0.0, "seed": 1}])
+  assert sweep.write_paired_tables(str(tmp_path), plan, ["HR@10"]) == ""  # nothing finished
+  rng = np.random.default_rng(0)
+  users = np.arange(1, 401, dtype=np.int32)
+  for overrides, worse in zip(plan[:4], (0, 0, 15, 15)):  # the beta arm has not finished
+    run_dir = tmp_path / sweep.run_name(overrides)
+    run_dir.mkdir()
+    ranks = rng.integers(0, 20, size=400) + worse
+    np.savez(run_dir / paired.RANKS_FILE, users=users, test_targets=users, test_ranks=ranks,
+             valid_targets=users, valid_ranks=ranks)
+  path = sweep.write_paired_tables(str(tmp_path), plan, ["HR@10"])
+  text = open(path).read()
+  assert "## default vs alpha=0.0" in text and "## default vs beta=0.0" in text
+  assert "(no finished run with eval_ranks.npz yet)" in text
+  row = next(line for line in text.splitlines() if line.startswith("| HR@10 |"))
+  assert "| yes |" in row and "400 users" in text  # the default arm is far better here
+
+
 def test_sracl_config_flags_and_arm_sweeps():
   sys.path.insert(0, os.path.join(ROOT, "launch"))
   import sweep  # pylint: disable=g-import-not-at-top

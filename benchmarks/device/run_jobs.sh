@@ -116,5 +116,6 @@ for job in "$@"; do
 done | tee "$OUT/summary.txt"
 (cd "$RUNS" && tar czf "$OUT/results.tgz" --exclude='checkpoints' --exclude='*.npy' \
   --exclude='semantic' -- *.log */sweep* */*/results.json */*/config.json */*/train.log \
+  */*/eval_ranks.npz \
   2>/dev/null)
 echo "packed $(du -h "$OUT/results.tgz" | cut -f1) after $(( $(date +%s) - T0 )) s"
