@@ -457,3 +457,69 @@ def test_time_prefix_texts_projects_the_faithful_mode(tmp_path):
       split.n_train)
   with pytest.raises(ValueError, match="n_sample must be >= 1"):
     pipeline.time_prefix_texts(split, _cfg(), 0)
+
+
+def test_encode_in_chunks_resumes_after_a_crash(tmp_path):
+  texts = [f"text {i}" for i in range(23)]
+  full = np.stack([[len(t), i, i * 0.5] for i, t in enumerate(texts)]).astype(np.float32)
+  lookup = {t: full[i] for i, t in enumerate(texts)}
+  calls = []
+
+  def encode(part, fail_at=None):
+    calls.append(len(part))
+    if fail_at is not None and len(calls) == fail_at:
+      raise KeyboardInterrupt("killed mid-way")
+    return np.stack([lookup[t] for t in part])
+
+  folder = str(tmp_path / "chunks")
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.encode_in_chunks(lambda p: encode(p, fail_at=3), texts, folder, chunk=5,
+                              progress=False)
+  assert sorted(os.listdir(folder)) == ["000000.npy", "000001.npy"]  # no partial chunk left
+  calls.clear()
+  emb, reused = pipeline.encode_in_chunks(encode, texts, folder, chunk=5, progress=False)
+  np.testing.assert_array_equal(emb, full)
+  assert reused == 10 and calls == [5, 5, 3]  # only the unfinished chunks were encoded
+  # A damaged chunk is encoded again, not trusted.
+  np.save(os.path.join(folder, "000002.npy"), np.zeros((2, 3), np.float32))
+  with open(os.path.join(folder, "000003.npy"), "wb") as f:
+    f.write(b"not a numpy file")
+  calls.clear()
+  emb, reused = pipeline.encode_in_chunks(encode, texts, folder, chunk=5, progress=False)
+  np.testing.assert_array_equal(emb, full)
+  assert reused == 13 and calls == [5, 5]
+
+
+@needs_minilm
+def test_a_killed_long_encode_resumes_to_the_same_tables(built, tmp_path, monkeypatch):
+  """The prefix texts (> ENCODE_CHUNK distinct ones) are encoded in saved chunks: a build killed
+  mid-encode resumes there and ends with the tables of an uninterrupted build."""
+  split, _, tables = built
+  monkeypatch.setattr(pipeline, "ENCODE_CHUNK", 8)  # 24 item texts, ~70 prefix texts
+  real = text_encoder.TextEncoder.encode
+  calls = []
+
+  def counting(self, texts, **kw):
+    calls.append(len(texts))
+    if kill_at[0] is not None and len(calls) == kill_at[0]:
+      raise KeyboardInterrupt("killed")
+    return real(self, texts, **kw)
+
+  monkeypatch.setattr(text_encoder.TextEncoder, "encode", counting)
+  out = str(tmp_path / "semantic")
+  kill_at = [6]
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.build_semantic_tables(split, _cfg(), out, progress=False)
+  chunks = {d.split("_")[1]: len(os.listdir(os.path.join(out, "cache", d)))
+            for d in os.listdir(os.path.join(out, "cache")) if d.startswith("encode_")}
+  assert chunks == {"item": 3, "prefix": 2}  # 24 item texts in 3 chunks, then 2 prefix chunks
+  kill_at[0], calls[:] = None, []
+  again = pipeline.build_semantic_tables(split, _cfg(), out, progress=False)
+  n_prefix = again.stats["prefix_unique_texts"]
+  assert sum(calls) == n_prefix - 16  # only the unfinished chunks of the prefix texts
+  assert "item_texts_from_earlier_runs" in again.stats
+  assert again.stats["prefix_texts_from_earlier_runs"] == 16
+  for name in pipeline.TABLE_NAMES:
+    np.testing.assert_allclose(getattr(again, name), getattr(tables, name), atol=1e-6,
+                               err_msg=name)
+  assert not [d for d in os.listdir(os.path.join(out, "cache")) if d.startswith("encode_")]

@@ -44,6 +44,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -62,6 +63,7 @@ PIPELINE_VERSION = 1
 USER_MODES = ("prefix", "user", "items")
 TABLE_NAMES = ("item_embeddings", "item_neighbours", "prefix_embeddings", "prefix_neighbours")
 SAMPLE_TEXTS = 1000  # texts written to texts_*.jsonl for inspection
+ENCODE_CHUNK = 8192  # distinct texts per saved chunk of a long encode (a killed run resumes there)
 _TITLE_FIELDS = ("title", "movie_title")
 # Co-purchase sequences in an LLM item request (the paper: up to 5, the last 11 items of each).
 _LLM_HISTORY_SEQUENCES = prompts_lib.MAX_HISTORY_SEQUENCES
@@ -470,9 +472,55 @@ def _encoder(path: str, max_seq_length: int, dtype: str):
       path or None, max_seq_length=max_seq_length or None, dtype=dtype)
 
 
+def encode_in_chunks(encode, texts: Sequence[str], folder: str, *, chunk: int,
+                     progress: bool = True, desc: str = "encode") -> Tuple[np.ndarray, int]:
+  """`encode(texts)` ([n, S]) run over chunks of `chunk` texts, each saved to `folder` as it is
+  done, so that a run killed mid-way redoes only its unfinished chunk when relaunched.
+
+  `folder` must be named after everything the embeddings depend on (the texts and the encoder):
+  its chunks are taken as they are. An unreadable or misshapen chunk is encoded again.
+
+  Returns:
+    ([len(texts), S] embeddings, number of texts read back from earlier runs).
+  """
+  import tqdm  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  parts, reused, width = [], 0, None
+  with tqdm.tqdm(total=len(texts), unit="text", desc=desc, disable=not progress) as bar:
+    for i, lo in enumerate(range(0, len(texts), chunk)):
+      part = list(texts[lo:lo + chunk])
+      path = os.path.join(folder, f"{i:06d}.npy")
+      arr = None
+      if os.path.exists(path):
+        try:
+          arr = np.load(path)
+        except (OSError, ValueError) as e:
+          logging.warning("%s unreadable (%s): encoding its texts again", path, e)
+        if arr is not None and (arr.ndim != 2 or arr.shape[0] != len(part) or
+                                (width is not None and arr.shape[1] != width)):
+          logging.warning("%s has shape %s, expected %d rows: encoding its texts again", path,
+                          arr.shape, len(part))
+          arr = None
+        if arr is not None:
+          reused += len(part)
+      if arr is None:
+        arr = np.asarray(encode(part), np.float32)
+        fileio.atomic_write(path, lambda f, a=arr: np.save(f, a))
+      width = arr.shape[1]
+      parts.append(arr)
+      bar.update(len(part))
+  return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32), reused
+
+
 def _encode(texts: Sequence[str], opts: Mapping[str, Any], what: str, progress: bool,
-            stats: Dict[str, Any]) -> np.ndarray:
-  """[len(texts), S] float32 embeddings; identical texts are encoded once."""
+            stats: Dict[str, Any], scratch: Optional[List[str]] = None,
+            cache_dir: str = "") -> np.ndarray:
+  """[len(texts), S] float32 embeddings; identical texts are encoded once.
+
+  More than `ENCODE_CHUNK` distinct texts (e.g. the faithful mode's ~131k prefix texts on Beauty)
+  are encoded in saved chunks under `cache_dir` (`encode_in_chunks`), so a killed build resumes;
+  the chunk folder is appended to `scratch` for the caller to remove once the tables are saved.
+  """
   t0 = time.perf_counter()
   encoder = _encoder(opts["encoder"], int(opts["max_seq_length"]), opts["encode_dtype"])
   t1 = time.perf_counter()
@@ -482,13 +530,31 @@ def _encode(texts: Sequence[str], opts: Mapping[str, Any], what: str, progress: 
   unique = list(index)
   logging.info("encoding %d %s texts (%d distinct) with batch size %d", len(texts), what,
                len(unique), opts["encode_batch_size"])
-  emb = encoder.encode(unique, batch_size=int(opts["encode_batch_size"]),
-                       show_progress=progress)                 # [n_unique, S]
+  batch_size = int(opts["encode_batch_size"])
+  reused = 0
+  if cache_dir and len(unique) > ENCODE_CHUNK:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps({key: opts[key] for key in ("encoder", "max_seq_length", "encode_dtype")},
+                        sort_keys=True).encode())
+    h.update(f"v{PIPELINE_VERSION};chunk{ENCODE_CHUNK};".encode())
+    h.update("\x00".join(unique).encode("utf-8", "replace"))
+    folder = os.path.join(cache_dir, f"encode_{what}_{h.hexdigest()}")
+    if scratch is not None:
+      scratch.append(folder)
+    if os.path.isdir(folder):
+      logging.info("resuming the %s encode from the chunks in %s", what, folder)
+    emb, reused = encode_in_chunks(
+        lambda part: encoder.encode(part, batch_size=batch_size, show_progress=False), unique,
+        folder, chunk=ENCODE_CHUNK, progress=progress, desc=f"encode {what}")
+  else:
+    emb = encoder.encode(unique, batch_size=batch_size, show_progress=progress)  # [n_unique, S]
   t2 = time.perf_counter()
-  rate = len(unique) / max(t2 - t1, 1e-9)
+  rate = (len(unique) - reused) / max(t2 - t1, 1e-9)
   stats.update({f"{what}_texts": len(texts), f"{what}_unique_texts": len(unique),
                 f"{what}_encoder_load_seconds": t1 - t0, f"{what}_encode_seconds": t2 - t1,
                 f"{what}_texts_per_second": rate})
+  if reused:
+    stats[f"{what}_texts_from_earlier_runs"] = reused
   stats.setdefault("encoder", {"path": opts["encoder"] or "all-MiniLM-L6-v2 (default)",
                                "dim": int(encoder.dim), "max_seq_length": encoder.max_seq_length,
                                "dtype": opts["encode_dtype"]})
@@ -553,6 +619,7 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   t_start = time.perf_counter()
   os.makedirs(out_dir, exist_ok=True)
   cache_dir = opts["cache_dir"] or os.path.join(out_dir, "cache")
+  scratch: List[str] = []  # chunk folders of long encodes, removed once the tables are saved
   stats: Dict[str, Any] = dict(
       fingerprint=fp, settings=fp_settings, dataset=ds.name, n_users=int(ds.n_users),
       n_items=int(ds.n_items), n_train=int(split.n_train), k=k, user_mode=mode)
@@ -589,7 +656,8 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
     _write_samples(os.path.join(out_dir, "texts_items.jsonl"),
                    [{"item": i + 1, "item_id": str(ds.item_ids[i + 1]), "text": t}
                     for i, t in enumerate(item_texts[:SAMPLE_TEXTS])])
-    item_vecs = _encode(item_texts, opts, "item", progress, stats)   # [n_items, S]
+    item_vecs = _encode(item_texts, opts, "item", progress, stats, scratch,
+                        cache_dir)                             # [n_items, S]
     del item_texts
   item_embeddings = np.zeros((ds.n_items + 1, item_vecs.shape[1]), np.float32)
   item_embeddings[1:] = item_vecs                              # [n_items + 1, S]
@@ -637,7 +705,7 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
       entry["text"] = text
       sample.append(entry)
     _write_samples(os.path.join(out_dir, "texts_prefixes.jsonl"), sample)
-    vecs = _encode(texts, opts, mode, progress, stats)          # [R, S]
+    vecs = _encode(texts, opts, mode, progress, stats, scratch, cache_dir)  # [R, S]
     del texts
 
   # ---- retrieval
@@ -677,6 +745,8 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
                           prefix_embeddings=prefix_embeddings,
                           prefix_neighbours=prefix_neighbours, stats=stats)
   save_tables(tables, out_dir)
+  for folder in scratch:
+    shutil.rmtree(folder, ignore_errors=True)
   logging.info("semantic tables written to %s in %.1f s", out_dir, stats["total_seconds"])
   return tables
 
