@@ -10,7 +10,7 @@ exists are skipped, so an interrupted sweep resumes (and each run resumes from i
 At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept numeric key
 (test metric vs value), or sweep_runs.png (bars per run) when no key is numeric. When the sweep
 has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md
-and sweep_seeds.png give each arm's mean ± std over its finished seeds, and sweep_paired.md
+and sweep_seeds.png give each arm's mean ± std over its finished seeds, and sweep_paired.md/.png
 compares the first arm with each other arm user by user (launch/compare_runs.py).
 A run that stops early (SIGTERM: checkpointed, no results.json), or one killed by a signal, stops
 the sweep; the same command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as
@@ -233,8 +233,9 @@ PAIRED_RESAMPLES = 2000  # bootstrap / sign-flip resamples of sweep_paired.md
 
 def write_paired_tables(workdir: str, sweep, metrics) -> str:
   """sweep_paired.md: the first arm (SRA-CL in the sracl sweeps) against each other arm, paired
-  per user over the finished runs' eval_ranks.npz (seqrec_jax/paired.py). Returns the path, or
-  "" when fewer than two arms have finished runs with ranks."""
+  per user over the finished runs' eval_ranks.npz (seqrec_jax/paired.py), and sweep_paired.png:
+  each difference with its 95% interval over users. Returns the Markdown's path, or "" when
+  fewer than two arms have finished runs with ranks."""
   from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
   arms: Dict[str, List[str]] = {}
   for overrides in sweep:
@@ -247,16 +248,43 @@ def write_paired_tables(workdir: str, sweep, metrics) -> str:
     return ""
   first = names[0]
   parts = [f"# Paired per-user comparisons: {first} against each arm\n"]
+  results = {}
   for name in names[1:]:
     if not arms[name]:
       parts.append(f"## {first} vs {name}\n\n(no finished run with {paired.RANKS_FILE} yet)\n")
       continue
-    result = paired.compare(arms[first], arms[name], metrics, n_resamples=PAIRED_RESAMPLES)
-    parts.append(f"## {first} vs {name}\n\n" + paired.to_markdown(result, first, name))
+    results[name] = paired.compare(arms[first], arms[name], metrics, n_resamples=PAIRED_RESAMPLES)
+    parts.append(f"## {first} vs {name}\n\n" + paired.to_markdown(results[name], first, name))
   path = os.path.join(workdir, "sweep_paired.md")
   with open(path, "w") as f:
     f.write("\n".join(parts))
+  if results:
+    _save_differences(os.path.join(workdir, "sweep_paired.png"), first, results, metrics)
   return path
+
+
+def _save_differences(path: str, first: str, results, metrics) -> None:
+  """One panel per metric: `first` minus each arm, with its 95% paired interval over users."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  labels = list(results)
+  fig, axes = _panels(plt, len(metrics), 4.2, 1.6 + 0.5 * len(labels))
+  y = np.arange(len(labels))
+  for ax, m in zip(axes, metrics):
+    diff = np.array([results[a]["metrics"][m]["diff"] for a in labels])
+    ci = np.array([results[a]["metrics"][m]["ci95"] for a in labels])  # [arms, 2]
+    ax.errorbar(diff, y, xerr=np.stack([diff - ci[:, 0], ci[:, 1] - diff]), fmt="o",
+                capsize=3, color="tab:blue")
+    ax.axvline(0.0, color="gray", lw=1)
+    ax.set_yticks(y, [f"vs {a}\n(runs {len(results[a]['a'])}/{len(results[a]['b'])})"
+                      for a in labels], fontsize=7)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel(f"{first} - arm, test {m}", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 MAX_PLOT_COLUMNS = 4  # panels per row; more metrics wrap onto further rows
