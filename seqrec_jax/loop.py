@@ -530,5 +530,8 @@ def format_results(results: Dict[str, Any], ks=metrics_lib.DEFAULT_KS) -> str:
     lines = [f"{'metric':{width}s}    valid     test"]
     for k, v in results["test"].items():
       lines.append(f"{k:{width}s} {results['valid'].get(k, float('nan')):8.4f} {v:8.4f}")
-  lines.append(f"best step {results['best_step']}, train {results['train_seconds']:.1f} s")
+  tail = f"best step {results['best_step']}"
+  if "train_seconds" in results:  # a training run's results (not evaluate_workdir's)
+    tail += f", train {results['train_seconds']:.1f} s"
+  lines.append(tail)
   return "\n".join(lines)

@@ -61,6 +61,17 @@ def test_launcher_runs_tiny_ml100k_with_overrides(tmp_path):
   assert "NDCG@10" in proc.stdout  # the final table
   with open(wd / "config.json") as f:
     assert json.load(f)["model"]["n_layers"] == 1
+  # launch/eval.py re-evaluates the best checkpoint and rewrites the per-user ranks.
+  os.remove(wd / "eval_ranks.npz")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
+                         f"--workdir={wd}", "--write_ranks", f"--out={tmp_path / 'e.json'}"],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "NDCG@10" in proc.stdout and f"best step {results['best_step']}" in proc.stdout
+  with open(tmp_path / "e.json") as f:
+    assert json.load(f)["test"] == results["test"]
+  assert (wd / "eval_ranks.npz").exists()
 
 
 def test_launcher_rejects_unknown_config_key(tmp_path):
