@@ -70,14 +70,18 @@ class Evaluator:
   backbone: Any = staticmethod(lambda params: params)
   rank_fn: Any = None  # `step_fn` that also returns each row's rank (`eval_step(with_ranks=True)`)
 
-  def __call__(self, params: Any, stage: str) -> Dict[str, float]:
-    """Metrics of `stage` ("valid" or "test") for the task's full parameters `params`."""
+  def _outputs(self, params: Any, stage: str, step_fn):
+    """`step_fn`'s output for each global batch of `stage`, in order."""
     params = self.backbone(params)
-    total = None
     for host_batch in data_lib.eval_batches(self.split, stage, self.max_len, self.batch_size,
                                             history_len=self.history_len):
-      total = metrics_lib.accumulate(total, self.step_fn(params,
-                                                         self.partitioner.shard_inputs(host_batch)))
+      yield step_fn(params, self.partitioner.shard_inputs(host_batch))
+
+  def __call__(self, params: Any, stage: str) -> Dict[str, float]:
+    """Metrics of `stage` ("valid" or "test") for the task's full parameters `params`."""
+    total = None
+    for sums in self._outputs(params, stage, self.step_fn):
+      total = metrics_lib.accumulate(total, sums)
     return metrics_lib.normalise(jax.device_get(total), self.ks)
 
   def with_ranks(self, params: Any, stage: str):
@@ -85,11 +89,8 @@ class Evaluator:
     `split.eval_users[i]` (every process gets all rows)."""
     if self.rank_fn is None:
       raise ValueError("this evaluator has no rank step")
-    params = self.backbone(params)
     total, rows = None, []
-    for host_batch in data_lib.eval_batches(self.split, stage, self.max_len, self.batch_size,
-                                            history_len=self.history_len):
-      sums, per_row = self.rank_fn(params, self.partitioner.shard_inputs(host_batch))
+    for sums, per_row in self._outputs(params, stage, self.rank_fn):
       total = metrics_lib.accumulate(total, sums)
       rows.append(per_row)
     rows = jax.device_get(rows)

@@ -13,7 +13,7 @@ target stays rankable.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +66,17 @@ def ranking_sums(ranks: jax.Array, weights: jax.Array,
   ranks = ranks.astype(jnp.float32)
   out = {}
   for k in ks:
-    inside = (ranks < k).astype(jnp.float32) * weights
-    out[f"HR@{k}"] = jnp.sum(inside)
-    out[f"NDCG@{k}"] = jnp.sum(inside / jnp.log2(ranks + 2.0))
-    out[f"MRR@{k}"] = jnp.sum(inside / (ranks + 1.0))
+    for name, values in _values_at(jnp, ranks, k).items():
+      out[f"{name}@{k}"] = jnp.sum(values * weights)
   out["count"] = jnp.sum(weights)
   return out
+
+
+def _values_at(xp, ranks, k: int) -> Dict[str, Any]:
+  """Each row's HR, NDCG and MRR at cut-off k from its 0-based (float) rank; `xp` is jnp inside
+  jit (`ranking_sums`) or np on the host (`per_row`)."""
+  inside = (ranks < k).astype(ranks.dtype)
+  return {"HR": inside, "NDCG": inside / xp.log2(ranks + 2.0), "MRR": inside / (ranks + 1.0)}
 
 
 def normalise(sums: Mapping[str, float], ks: Sequence[int] = DEFAULT_KS) -> Dict[str, float]:
@@ -98,10 +103,4 @@ def per_row(ranks: np.ndarray, metric: str) -> np.ndarray:
   if name not in METRIC_NAMES or not k.isdigit() or int(k) < 1:
     raise ValueError(f"unknown metric {metric!r}: expected one of {METRIC_NAMES} '@' a cut-off "
                      "such as NDCG@10")
-  ranks = np.asarray(ranks, dtype=np.float64)
-  inside = (ranks < int(k)).astype(np.float64)
-  if name == "HR":
-    return inside
-  if name == "NDCG":
-    return inside / np.log2(ranks + 2.0)
-  return inside / (ranks + 1.0)
+  return _values_at(np, np.asarray(ranks, dtype=np.float64), int(k))[name]

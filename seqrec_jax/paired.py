@@ -126,7 +126,8 @@ def to_markdown(result: Dict, a_name: str = "A", b_name: str = "B") -> str:
     ratio = "n/a" if r["diff_over_spread"] is None else f"{r['diff_over_spread']:.1f}"
     lines.append(
         f"| {metric} | {r['a_mean']:.4f} ± {r['a_std']:.4f} | "
-        f"{r['b_mean']:.4f} ± {r['b_std']:.4f} | {r['diff']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['p_value']:.4f} | "
+        f"{r['b_mean']:.4f} ± {r['b_std']:.4f} | {r['diff']:+.4f} | "
+        f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['p_value']:.4f} | "
         f"{ratio} | {'yes' if r['no_overlap'] else 'no'} |")
   return "\n".join(lines) + "\n"
 

@@ -513,8 +513,7 @@ def encode_in_chunks(encode, texts: Sequence[str], folder: str, *, chunk: int,
 
 
 def _encode(texts: Sequence[str], opts: Mapping[str, Any], what: str, progress: bool,
-            stats: Dict[str, Any], scratch: Optional[List[str]] = None,
-            cache_dir: str = "") -> np.ndarray:
+            stats: Dict[str, Any], scratch: List[str], cache_dir: str) -> np.ndarray:
   """[len(texts), S] float32 embeddings; identical texts are encoded once.
 
   More than `ENCODE_CHUNK` distinct texts (e.g. the faithful mode's ~131k prefix texts on Beauty)
@@ -539,8 +538,7 @@ def _encode(texts: Sequence[str], opts: Mapping[str, Any], what: str, progress: 
     h.update(f"v{PIPELINE_VERSION};chunk{ENCODE_CHUNK};".encode())
     h.update("\x00".join(unique).encode("utf-8", "replace"))
     folder = os.path.join(cache_dir, f"encode_{what}_{h.hexdigest()}")
-    if scratch is not None:
-      scratch.append(folder)
+    scratch.append(folder)
     if os.path.isdir(folder):
       logging.info("resuming the %s encode from the chunks in %s", what, folder)
     emb, reused = encode_in_chunks(
