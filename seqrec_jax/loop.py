@@ -409,7 +409,7 @@ def evaluate_workdir(workdir: str, *, exclude_seen: bool = False,
   config.eval.exclude_seen = bool(exclude_seen)
   exp_dir = os.path.abspath(os.path.expanduser(workdir))
   exp = make_experiment(config, workdir=exp_dir)
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+  ckpt = checkpointing.Checkpointer(exp_dir, max_to_keep=config.checkpoint.max_to_keep,
                                     async_save=False)
   try:
     params, meta = ckpt.restore_best(exp.state.params)

@@ -195,11 +195,12 @@ def test_resume_after_dying_between_best_and_periodic_save(pairs_file, tmp_path)
   assert resumed["test"] == straight["test"]
 
 
-def test_evaluate_workdir_reproduces_results(pairs_file, tmp_path):
+def test_evaluate_workdir_reproduces_results(pairs_file, tmp_path, monkeypatch):
   c = small_config(pairs_file)
   c.train.num_steps = 20
   results = loop.train_and_evaluate(c, str(tmp_path))
-  again = loop.evaluate_workdir(str(tmp_path))
+  monkeypatch.setenv("HOME", str(tmp_path.parent))
+  again = loop.evaluate_workdir("~/" + tmp_path.name)  # a workdir given with ~
   assert again["test"] == results["test"] and again["best_step"] == results["best_step"]
   # The finished run wrote every evaluated user's target rank; the metrics follow from them.
   with np.load(tmp_path / loop.RANKS_FILE) as f:

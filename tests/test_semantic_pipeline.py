@@ -169,6 +169,64 @@ def test_second_call_loads_and_data_change_recomputes(built, monkeypatch):
       tables.stats["fingerprint"]
 
 
+def test_checkpoint_digest_follows_file_contents_not_location(tmp_path):
+  def write(d, weights=b"\x00\x01weights"):
+    os.makedirs(os.path.join(d, "sub"), exist_ok=True)
+    for name, blob in (("config.json", b"{}"), ("model.safetensors", weights),
+                       ("sub/tokenizer.json", b"{\"v\": 1}"), ("vocab.txt", b"a\nb")):
+      with open(os.path.join(d, name), "wb") as f:
+        f.write(blob)
+    return str(d)
+
+  a, b = write(tmp_path / "a"), write(tmp_path / "b")
+  digest = text_encoder.checkpoint_digest(a)
+  assert len(digest) == 32 and text_encoder.checkpoint_digest(b) == digest  # same files elsewhere
+  with open(os.path.join(b, "README.md"), "w") as f:  # not a model file: ignored
+    f.write("notes")
+  assert text_encoder.checkpoint_digest(b) == digest
+  write(b, weights=b"\x00\x02weights")  # weights replaced in place, same size
+  assert text_encoder.checkpoint_digest(b) != digest
+  with open(os.path.join(a, "sub", "tokenizer.json"), "w") as f:
+    f.write('{"v": 2}')
+  assert text_encoder.checkpoint_digest(a) not in (digest, text_encoder.checkpoint_digest(b))
+  with pytest.raises(FileNotFoundError, match="not found"):
+    text_encoder.checkpoint_digest(str(tmp_path / "missing"))
+
+
+@needs_minilm
+def test_other_encoder_files_recompute_and_older_tables_still_load(built, tmp_path, monkeypatch):
+  split, out, tables = built
+  assert tables.stats["encoder_digest"] == text_encoder.checkpoint_digest(None)
+
+  def fail(*a, **k):
+    raise AssertionError("the encoder must not run")
+
+  monkeypatch.setattr(text_encoder.TextEncoder, "encode", fail)
+  # Tables written before digests were recorded are still taken (same fingerprint).
+  old = str(tmp_path / "old")
+  os.makedirs(old)
+  for name in os.listdir(out):
+    if name.endswith(".npy"):
+      with open(os.path.join(out, name), "rb") as src, open(os.path.join(old, name), "wb") as dst:
+        dst.write(src.read())
+  stats = dict(tables.stats)
+  del stats["encoder_digest"]
+  with open(os.path.join(old, "stats.json"), "w") as f:
+    json.dump(stats, f)
+  assert pipeline.build_semantic_tables(split, _cfg(), old, progress=False).stats[
+      "loaded_from_out_dir"]
+  # Encoder files whose contents changed at the same path: the encoder is asked for again.
+  monkeypatch.setattr(text_encoder, "checkpoint_digest", lambda path=None: "0" * 32)
+  with pytest.raises(AssertionError, match="must not run"):
+    pipeline.build_semantic_tables(split, _cfg(), out, progress=False)
+  # Nothing to encode (all vectors precomputed): no digest is taken.
+  monkeypatch.setattr(text_encoder, "checkpoint_digest", fail)
+  assert pipeline._encoder_digest(pipeline.resolve_config(_cfg(
+      item_embeddings_npy="i.npy", prefix_embeddings_npy="p.npy"))) is None
+  assert pipeline._encoder_digest(pipeline.resolve_config(_cfg(
+      item_embeddings_npy="i.npy", user_mode="items"))) is None
+
+
 @needs_minilm
 def test_data_change_rebuilds_with_encoder(built, tmp_path):
   split, out, tables = built

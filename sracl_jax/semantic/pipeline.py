@@ -291,21 +291,30 @@ def load_tables(out_dir: str) -> SemanticTables:
   return SemanticTables(stats=stats, **arrays)
 
 
-def _load_if_current(out_dir: str, fp: str, n_items: int, n_train: int,
-                     k: int) -> Optional[SemanticTables]:
+def _load_if_current(out_dir: str, fp: str, n_items: int, n_train: int, k: int,
+                     encoder_digest: Optional[str]) -> Optional[SemanticTables]:
   path = os.path.join(out_dir, "stats.json")
   if not os.path.isfile(path):
     return None
   try:
     with open(path, encoding="utf-8") as f:
-      old_fp = json.load(f).get("fingerprint")
+      old_stats = json.load(f)
   except (OSError, ValueError) as e:
     logging.warning("semantic tables: unreadable %s (%s); recomputing", path, e)
     return None
+  old_fp = old_stats.get("fingerprint")
   if old_fp != fp:
     logging.info("semantic tables in %s were built from other data or settings (fingerprint "
                  "%s, now %s); recomputing", out_dir, old_fp, fp)
     return None
+  old_digest = old_stats.get("encoder_digest")
+  if encoder_digest is not None and old_digest is not None and old_digest != encoder_digest:
+    logging.info("semantic tables in %s were encoded with other encoder files (digest %s, now "
+                 "%s); recomputing", out_dir, old_digest, encoder_digest)
+    return None
+  if encoder_digest is not None and old_digest is None:
+    logging.info("semantic tables in %s predate encoder digests: taken as encoded by the "
+                 "current encoder files", out_dir)
   try:
     tables = load_tables(out_dir)
   except (OSError, ValueError) as e:
@@ -464,6 +473,17 @@ def _item_histories(split: Any, seed: int = 0) -> List[List[List[str]]]:
 # Encoding
 
 
+def _encoder_digest(opts: Mapping[str, Any]) -> Optional[str]:
+  """`text_encoder.checkpoint_digest` of the encoder when the build will run it, else None (all
+  vectors precomputed, or item vectors precomputed with user_mode='items')."""
+  items_encoded = not opts["item_embeddings_npy"]
+  users_encoded = opts["user_mode"] != "items" and not opts["prefix_embeddings_npy"]
+  if not (items_encoded or users_encoded):
+    return None
+  from sracl_jax.semantic import text_encoder  # pylint: disable=g-import-not-at-top
+  return text_encoder.checkpoint_digest(opts["encoder"] or None)
+
+
 @functools.lru_cache(maxsize=2)
 def _encoder(path: str, max_seq_length: int, dtype: str):
   """A loaded `TextEncoder` (kept, so repeated builds in one process reuse its compilations)."""
@@ -535,7 +555,7 @@ def _encode(texts: Sequence[str], opts: Mapping[str, Any], what: str, progress: 
     h = hashlib.blake2b(digest_size=12)
     h.update(json.dumps({key: opts[key] for key in ("encoder", "max_seq_length", "encode_dtype")},
                         sort_keys=True).encode())
-    h.update(f"v{PIPELINE_VERSION};chunk{ENCODE_CHUNK};".encode())
+    h.update(f"v{PIPELINE_VERSION};chunk{ENCODE_CHUNK};{opts.get('encoder_digest')};".encode())
     h.update("\x00".join(unique).encode("utf-8", "replace"))
     folder = os.path.join(cache_dir, f"encode_{what}_{h.hexdigest()}")
     scratch.append(folder)
@@ -607,7 +627,8 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   ds = split.dataset
   k, mode = int(opts["k"]), opts["user_mode"]
   fp, fp_settings = fingerprint(split, opts)
-  cached = _load_if_current(out_dir, fp, ds.n_items, split.n_train, k)
+  opts["encoder_digest"] = _encoder_digest(opts)
+  cached = _load_if_current(out_dir, fp, ds.n_items, split.n_train, k, opts["encoder_digest"])
   if cached is not None:
     logging.info("semantic tables: loaded %s (fingerprint %s matches; nothing recomputed)",
                  out_dir, fp)
@@ -620,7 +641,8 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   scratch: List[str] = []  # chunk folders of long encodes, removed once the tables are saved
   stats: Dict[str, Any] = dict(
       fingerprint=fp, settings=fp_settings, dataset=ds.name, n_users=int(ds.n_users),
-      n_items=int(ds.n_items), n_train=int(split.n_train), k=k, user_mode=mode)
+      n_items=int(ds.n_items), n_train=int(split.n_train), k=k, user_mode=mode,
+      encoder_digest=opts["encoder_digest"])
   logging.info("semantic tables for %s: %d items, %d training prefixes, k=%d, user_mode=%s",
                ds.name, ds.n_items, split.n_train, k, mode)
   if k >= ds.n_items:

