@@ -6,6 +6,7 @@ import importlib
 
 import ml_collections
 
+from seqrec_jax import config_diff
 from seqrec_jax import metrics as metrics_lib
 from seqrec_jax.large_catalog import SOFTMAX_KINDS
 
@@ -57,6 +58,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   mode = config.train.get("early_stop_mode", "max")  # absent in configs of older versions
   if mode not in ("max", "min"):
     raise ValueError(f"config.train.early_stop_mode={mode!r}; allowed: 'max', 'min'")
+  on_change = config.train.get("on_config_change", "error")  # absent in older configs
+  if on_change not in config_diff.ON_CONFIG_CHANGE:
+    raise ValueError(f"config.train.on_config_change={on_change!r}; allowed: "
+                     f"{config_diff.ON_CONFIG_CHANGE}")
   if config.optim.lr <= 0:
     raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")
   if config.task.name in _TASK_VALIDATORS:

@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stop_mode = "max"  # max: higher is better (metrics) | min: lower is (losses)
   c.train.stop_at_step = -1  # stop (checkpointed) at this step as if preempted; -1 = off
   c.train.progress = True  # tqdm progress bar on process 0
+  c.train.on_config_change = "error"  # resuming with changed result-affecting keys: error | allow
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1024

@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from seqrec_jax import checkpointing
+from seqrec_jax import config_diff
 from seqrec_jax import data as data_lib
 from seqrec_jax import fileio
 from seqrec_jax import metrics as metrics_lib
@@ -238,6 +239,52 @@ def final_metrics(exp: Experiment, params, *,
   return out
 
 
+def _latest_checkpoint_on_disk(workdir: str) -> Optional[int]:
+  """The newest complete step under <workdir>/checkpoints (Orbax renames a step's directory to
+  its number only once it is written), or None."""
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps) if steps else None
+
+
+def _check_resumed_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
+  """Before a run resumes from its checkpoints: its config.json against `config` (see
+  `config_diff`). Raises ValueError naming each changed key unless on_config_change='allow'."""
+  path = os.path.join(workdir, "config.json")
+  step = _latest_checkpoint_on_disk(workdir)
+  if step is None or not os.path.isfile(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    logging.warning("%s is unreadable (%s): the config of the checkpoints in %s cannot be "
+                    "checked against this one", path, e, workdir)
+    return
+  changed, free, added = config_diff.resume_changes(old, config_diff.as_json(config))
+  if free:
+    logging.info("resuming %s with other settings that do not change results: %s", workdir,
+                 config_diff.describe(free))
+  if added:
+    logging.info("config keys new since %s started, at their current values: %s", workdir,
+                 ", ".join(added))
+  if not changed:
+    return
+  msg = (f"{workdir} holds checkpoints (step {step}) of a run whose config.json differs from "
+         f"this config in {len(changed)} key(s) that change results: "
+         f"{config_diff.describe(changed)}")
+  if config.train.get("on_config_change", "error") != "allow":
+    raise ValueError(msg + ". Relaunch with the run's own settings, use a new workdir, or set "
+                     "config.train.on_config_change='allow' to go on with the new values (they "
+                     f"are then recorded in {config_diff.CHANGES_FILE}).")
+  logging.warning("%s; going on with the new values (on_config_change='allow')", msg)
+  if is_main:
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed_step": step,
+              "changes": [{"key": k, "old": a, "new": b} for k, a, b in changed]}
+    with open(os.path.join(workdir, config_diff.CHANGES_FILE), "a", encoding="utf-8") as f:
+      f.write(json.dumps(record, default=str) + "\n")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains with early stopping on validation, then tests the best checkpoint.
 
@@ -253,9 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  _check_resumed_config(config, workdir, is_main)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    fileio.atomic_write(os.path.join(workdir, "config.json"),
+                        lambda f: f.write(config.to_json_best_effort(indent=2)), mode="w")
 
   exp = make_experiment(config, workdir=workdir)
   split, partitioner, state, iterator = exp.split, exp.partitioner, exp.state, exp.iterator

@@ -99,6 +99,70 @@ def test_resume_is_exact(pairs_file, tmp_path):
   assert rows_a == rows_b
 
 
+def test_resume_with_a_changed_config_is_refused_or_recorded(pairs_file, tmp_path):
+  """A relaunch must not silently mix two protocols in one run: changed result-affecting keys
+  stop it (the checkpoints and config.json stay as they were), free keys do not, and 'allow'
+  goes on and records the change."""
+  c = small_config(pairs_file)
+  c.train.stop_at_step = 20
+  wd = str(tmp_path / "run")
+  assert loop.train_and_evaluate(c, wd) == {"stopped_at_step": 20}
+  saved = open(os.path.join(wd, "config.json")).read()
+  changed = small_config(pairs_file)
+  changed.model.dropout = 0.3
+  changed.optim.lr = 2e-3
+  with pytest.raises(ValueError) as err:
+    loop.train_and_evaluate(changed, wd)
+  msg = str(err.value)
+  assert "step 20" in msg and "2 key(s)" in msg and "on_config_change" in msg
+  assert "model.dropout: 0.2 -> 0.3" in msg and "optim.lr: 0.001 -> 0.002" in msg
+  assert open(os.path.join(wd, "config.json")).read() == saved
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10", "20"]
+  # Settings that do not change results may differ; a key the old config lacked is taken at
+  # its current value (here: the old config.json is edited to predate train.patience).
+  old = json.loads(saved)
+  del old["train"]["patience"]
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    json.dump(old, f)
+  free = small_config(pairs_file)
+  free.eval.batch_size = 32
+  free.train.log_every_steps = 10
+  free.checkpoint.max_to_keep = 3
+  free.train.stop_at_step = 30
+  assert loop.train_and_evaluate(free, wd) == {"stopped_at_step": 30}
+  assert not os.path.exists(os.path.join(wd, "config_changes.jsonl"))
+  # 'allow' goes on with the new values and records them.
+  changed.train.on_config_change = "allow"
+  results = loop.train_and_evaluate(changed, wd)
+  assert results["steps"] == 40
+  with open(os.path.join(wd, "config_changes.jsonl")) as f:
+    (record,) = [json.loads(line) for line in f]
+  assert record["resumed_step"] == 30
+  assert {(r["key"], r["old"], r["new"]) for r in record["changes"]} == {
+      ("model.dropout", 0.2, 0.3), ("optim.lr", 0.001, 0.002)}
+  assert json.load(open(os.path.join(wd, "config.json")))["optim"]["lr"] == 0.002
+  # A fresh workdir, or one without checkpoints, is never checked.
+  changed.train.on_config_change = "error"
+  changed.train.num_steps = 10
+  loop.train_and_evaluate(changed, str(tmp_path / "fresh"))
+  bad = small_config(pairs_file)
+  bad.train.on_config_change = "maybe"
+  with pytest.raises(ValueError, match="on_config_change='maybe'"):
+    loop.train_and_evaluate(bad, str(tmp_path / "bad"))
+
+
+def test_config_diff_keys():
+  from seqrec_jax import config_diff
+  old = {"a": {"b": 1, "c": [1, 2]}, "data": {"path": "x"}, "mesh": {"shape": {"data": 8}},
+         "gone": 3}
+  new = {"a": {"b": 1, "c": [1, 3], "d": 0}, "data": {"path": "y"}, "mesh": {"shape": {"data": 2}}}
+  changed, free, added = config_diff.resume_changes(old, new)
+  assert changed == [("a.c", [1, 2], [1, 3]), ("gone", 3, "<removed>")]
+  assert free == [("data.path", "x", "y"), ("mesh.shape.data", 8, 2)]
+  assert added == ["a.d"]
+  assert config_diff.flatten({"x": {}, "y": {"z": {"w": 1}}}) == {"x": {}, "y.z.w": 1}
+
+
 def test_finished_run_relaunch_does_not_retrain(pairs_file, tmp_path):
   c = small_config(pairs_file)
   c.train.num_steps = 20

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -236,12 +237,23 @@ def test_parallel_sweep_passes_sigterm_to_its_runs_and_resumes(tmp_path):
   assert not (sweep_dir / "seed=3").exists()
   for p in logs:
     assert "relaunch the same command to resume" in p.read_text()  # each checkpointed on SIGTERM
-  again = subprocess.run(cmd + ["--override=--config.train.num_steps=60"], capture_output=True,
-                         text=True, env=env, timeout=600)
+  # Resumed with fewer planned steps, so that the test ends soon: a change of protocol, which
+  # the runs refuse unless allowed, and then record.
+  short = cmd + ["--override=--config.train.num_steps=60"]
+  refused = subprocess.run(short, capture_output=True, text=True, env=env, timeout=600)
+  assert refused.returncode != 0
+  assert all("train.num_steps: 100000 -> 60" in p.read_text() for p in logs)
+  again = subprocess.run(short + ["--override=--config.train.on_config_change=allow"],
+                         capture_output=True, text=True, env=env, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   for s in (1, 2, 3):
     assert (sweep_dir / f"seed={s}" / "results.json").exists()
   assert all("resumed from step" in p.read_text() for p in logs)
+  for s in (1, 2):
+    (record,) = [json.loads(line) for line in
+                 (sweep_dir / f"seed={s}" / "config_changes.jsonl").read_text().splitlines()]
+    assert record["changes"] == [{"key": "train.num_steps", "old": 100000, "new": 60}]
+  assert not (sweep_dir / "seed=3" / "config_changes.jsonl").exists()  # started fresh
 
 
 def test_runs_that_start_from_an_earlier_run_of_the_sweep(tmp_path):

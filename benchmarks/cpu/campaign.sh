@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue #3's evidence sweeps on this CPU, one run at a time, across sessions (BENCHMARKS.md §6).
+#   bash benchmarks/cpu/campaign.sh [JOB ...]     run (or resume) the jobs in order
+#   bash benchmarks/cpu/campaign.sh --status      finished runs per job and the run in progress
+# Default jobs, in order: toys_compare ml100k_compare beauty_missing beauty_gru4rec beauty_bert4rec
+# (benchmarks/device/run_jobs.sh defines them: the same configs, kit and commands as on a GPU).
+# Runs live in $CPU_RUNS/<job> (default /work/runs), outside the checkout, and resume from their
+# last checkpoint when the same command is launched again; finished runs are skipped. A session
+# starts it in the background so that it outlives the shell that launched it:
+#   (setsid nohup bash benchmarks/cpu/campaign.sh > /work/runs/campaign.log 2>&1 &)
+# A missing kit (.kit/<dataset>) is built first with benchmarks/device/make_kit.sh.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+RUNS="${CPU_RUNS:-/work/runs}"
+DEFAULT_JOBS=(toys_compare ml100k_compare beauty_missing beauty_gru4rec beauty_bert4rec)
+mkdir -p "$RUNS"
+
+if [ "${1:-}" = "--status" ]; then
+  shift
+  for job in "${@:-${DEFAULT_JOBS[@]}}"; do
+    [ -d "$RUNS/$job" ] || { echo "$job: not started"; continue; }
+    done_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
+    echo "$job: $done_runs runs finished"
+    for run in "$RUNS/$job"/*/; do
+      [ -f "$run/results.json" ] && continue
+      [ -f "$run/metrics.jsonl" ] || continue
+      python3 - "$run" << 'EOF'
+import json, os, sys
+rows = [json.loads(l) for l in open(os.path.join(sys.argv[1], "metrics.jsonl")) if l.strip()]
+valid = [r for r in rows if r.get("split") == "valid"]
+if valid:
+  key = json.load(open(os.path.join(sys.argv[1], "config.json")))["train"]["early_stop_metric"]
+  best = max(valid, key=lambda r: r.get(key, 0))
+  print(f"  in progress: {os.path.basename(sys.argv[1].rstrip('/'))}: {len(valid)} evaluations, "
+        f"last step {valid[-1]['step']}, best valid {key} {best[key]:.5f} at step {best['step']}")
+EOF
+    done
+  done
+  exit 0
+fi
+
+[ -f .venv/bin/activate ] || bash launch/setup_venv.sh || exit 1
+source .venv/bin/activate
+export JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1
+for job in "${@:-${DEFAULT_JOBS[@]}}"; do
+  case "$job" in
+    toys_*) ds=toys ;;
+    ml100k_*) ds=ml100k ;;
+    beauty_*) ds=beauty ;;
+    *) echo "unknown job $job" >&2; exit 2 ;;
+  esac
+  if [ ! -d ".kit/$ds/data" ]; then
+    echo "$(date -u +%FT%TZ) building the $ds kit"
+    bash benchmarks/device/make_kit.sh "$ds" || exit 1
+  fi
+  echo "$(date -u +%FT%TZ) $job: starting (or resuming) in $RUNS/$job"
+  # No deadline: a run ends by early stopping, or when the session kills it (then it resumes).
+  OUT="$RUNS/out_$job" DEVICE_RUNS="$RUNS" PARALLEL=1 \
+    bash benchmarks/device/run_jobs.sh 100000000 "$job"
+  n_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
+  echo "$(date -u +%FT%TZ) $job: $n_runs runs finished"
+done
