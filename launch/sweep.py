@@ -12,6 +12,8 @@ At the end: <workdir>/sweep.csv, sweep.md (Markdown table) and one PNG per swept
 has a "seed" key (e.g. `configs/sracl/beauty.py:ablation`, every arm x 3 seeds), sweep_seeds.md
 and sweep_seeds.png give each arm's mean ± std over its finished seeds, and sweep_paired.md/.png
 compares the first arm with each other arm user by user (launch/compare_runs.py).
+sweep_curves.png draws every started run's validation curve, runs still training included
+(`--tabulate_only` redraws it while a sweep runs).
 A run that stops early (SIGTERM: checkpointed, no results.json), or one killed by a signal, stops
 the sweep; the same command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as
 SIGTERM.
@@ -386,6 +388,64 @@ def plot(workdir: str, rows, sweep, metrics, mode: str = "train") -> List[str]:
   return paths
 
 
+def learning_curves(workdir: str, sweep) -> Dict[str, Dict[str, Any]]:
+  """Each started run's validation curve from its metrics.jsonl, finished or still training.
+
+  Returns:
+    run name -> {"arm", "metric" (the run's early-stopping metric), "steps", "values",
+    "finished"}, in sweep order; runs without a validation row yet are left out.
+  """
+  curves = {}
+  for overrides in sweep:
+    name = run_name(overrides)
+    run_dir = os.path.join(workdir, name)
+    try:
+      with open(os.path.join(run_dir, "config.json")) as f:
+        metric = json.load(f)["train"]["early_stop_metric"]
+      with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError, KeyError):
+      continue
+    valid = sorted((r for r in rows if r.get("split") == "valid" and metric in r),
+                   key=lambda r: r["step"])
+    if valid:
+      curves[name] = {"arm": group_name(overrides), "metric": metric,
+                      "steps": [r["step"] for r in valid], "values": [r[metric] for r in valid],
+                      "finished": os.path.exists(os.path.join(run_dir, result_file("train")))}
+  return curves
+
+
+def plot_curves(workdir: str, sweep) -> List[str]:
+  """sweep_curves.png: every started run's validation metric against the training step, one
+  colour per arm, its best point marked; runs still training are drawn dashed."""
+  curves = learning_curves(workdir, sweep)
+  if not curves:
+    return []
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  arms = list(dict.fromkeys(c["arm"] for c in curves.values()))
+  colours = plt.get_cmap("tab10")
+  fig, ax = plt.subplots(figsize=(7.5, 4.2))
+  for name, c in curves.items():
+    colour = colours(arms.index(c["arm"]) % 10)
+    label = name + ("" if c["finished"] else " (training)")
+    ax.plot(c["steps"], c["values"], "-" if c["finished"] else "--", color=colour, lw=1.2,
+            label=label)
+    best = int(np.argmax(c["values"]))
+    ax.plot([c["steps"][best]], [c["values"][best]], "o", color=colour, ms=4)
+  metrics = sorted({c["metric"] for c in curves.values()})
+  ax.set_xlabel("training step")
+  ax.set_ylabel("valid " + " / ".join(metrics))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  path = os.path.join(workdir, "sweep_curves.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def _describe(how: str, returncode: int) -> str:
   """A run's `_outcome` in words, as the sweep prints it after the run's name."""
   return {"finished": "finished", "killed": f"killed by signal {-returncode}",
@@ -566,6 +626,8 @@ def main(argv):
   rows = collect(workdir, sweep, metrics, mode)
   write_tables(workdir, rows)
   pngs = plot(workdir, rows, sweep, metrics, mode)
+  if mode == "train":
+    pngs += plot_curves(workdir, sweep)
   print(open(os.path.join(workdir, "sweep.md")).read())
   groups = seed_groups(rows, sweep, metrics) if mode == "train" else []
   if groups:

@@ -201,6 +201,7 @@ def test_parallel_runs_share_the_machine_and_tabulate_only_starts_nothing(tmp_pa
     assert (sweep_dir / f"seed={s}" / "results.json").exists()
     assert "results" in (sweep_dir / f"seed={s}" / "train.log").read_text()
   assert "| default | 3/3 |" in (sweep_dir / "sweep_seeds.md").read_text()
+  assert (sweep_dir / "sweep_curves.png").exists()
   (sweep_dir / "seed=3" / "results.json").unlink()
   tab = subprocess.run(cmd + ["--tabulate_only"], capture_output=True, text=True, env=env,
                        timeout=600)
@@ -337,3 +338,34 @@ def test_serial_sweep_passes_signals_on_and_stops_on_a_killed_run(tmp_path):
     sweep_lib.run_concurrently([(0, "f", ["false"]), (1, "never", ["true"])], 2,
                                str(tmp_path / "sw5"), 1)
   assert not (tmp_path / "sw5" / "never").exists()
+
+
+def test_learning_curves_of_finished_and_running_runs(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  sweep = [{"alpha": a, "seed": s} for a in (0.1, 0.0) for s in (1, 2)]
+
+  def write(name, metric, rows, finished):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"train": {"early_stop_metric": metric}}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+      (d / "results.json").write_text("{}")
+
+  write("alpha=0.1_seed=1", "MRR@10",
+        [{"step": 20, "split": "valid", "MRR@10": 0.3}, {"step": 5, "split": "train", "loss": 1},
+         {"step": 10, "split": "valid", "MRR@10": 0.2}], finished=True)
+  write("alpha=0.0_seed=1", "NDCG@10",
+        [{"step": 10, "split": "valid", "NDCG@10": 0.1, "MRR@10": 0.9}], finished=False)
+  write("alpha=0.0_seed=2", "NDCG@10", [{"step": 5, "split": "train", "loss": 2}], False)
+  curves = sweep_lib.learning_curves(str(tmp_path), sweep)
+  assert list(curves) == ["alpha=0.1_seed=1", "alpha=0.0_seed=1"]  # sweep order; no valid row
+  first = curves["alpha=0.1_seed=1"]
+  assert first == {"arm": "alpha=0.1", "metric": "MRR@10", "steps": [10, 20],
+                   "values": [0.2, 0.3], "finished": True}
+  second = curves["alpha=0.0_seed=1"]
+  assert second["values"] == [0.1] and not second["finished"] and second["arm"] == "alpha=0.0"
+  (png,) = sweep_lib.plot_curves(str(tmp_path), sweep)
+  assert png.endswith("sweep_curves.png") and os.path.getsize(png) > 1000
+  assert sweep_lib.plot_curves(str(tmp_path / "alpha=0.0_seed=2"), sweep) == []
