@@ -2,6 +2,8 @@
 # Issue #3's evidence sweeps on this CPU, one run at a time, across sessions (BENCHMARKS.md §6).
 #   bash benchmarks/cpu/campaign.sh [JOB ...]     run (or resume) the jobs in order
 #   bash benchmarks/cpu/campaign.sh --status      finished runs per job and the run in progress
+#   bash benchmarks/cpu/campaign.sh --pause       SIGSTOP the running campaign and its runs (to
+#   bash benchmarks/cpu/campaign.sh --continue    free the CPU for a CI check), then SIGCONT
 # Default jobs, in order: toys_compare ml100k_compare beauty_missing beauty_gru4rec beauty_bert4rec
 # (benchmarks/device/run_jobs.sh defines them: the same configs, kit and commands as on a GPU).
 # Runs live in $CPU_RUNS/<job> (default /work/runs), outside the checkout, and resume from their
@@ -39,6 +41,20 @@ EOF
   exit 0
 fi
 
+# The running campaign's process tree (its runs are in other process groups: `timeout` makes one).
+tree() { local p; for p in "$@"; do echo "$p"; tree $(ps -o pid= --ppid "$p"); done; }
+if [ "${1:-}" = "--pause" ] || [ "${1:-}" = "--continue" ]; then
+  pid=$(cat "$RUNS/campaign.pid" 2> /dev/null)
+  if [ -z "$pid" ] || ! kill -0 "$pid" 2> /dev/null; then
+    echo "no campaign is running (no live pid in $RUNS/campaign.pid)" >&2; exit 1
+  fi
+  sig=STOP; [ "$1" = "--continue" ] && sig=CONT
+  pids=$(tree "$pid")
+  kill -s "$sig" $pids && echo "SIG$sig sent to the campaign's $(echo $pids | wc -w) processes"
+  exit
+fi
+
+echo $$ > "$RUNS/campaign.pid"
 [ -f .venv/bin/activate ] || bash launch/setup_venv.sh || exit 1
 source .venv/bin/activate
 export JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1
