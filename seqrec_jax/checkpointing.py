@@ -49,10 +49,16 @@ class Checkpointer:
     return self._best.latest_step()
 
   def save(self, step: int, state: Any, meta: Dict[str, Any]) -> None:
-    """Saves the train state and JSON metadata at `step` (asynchronously when enabled)."""
+    """Saves the train state and JSON metadata at `step` (asynchronously when enabled).
+
+    A best-parameters save still in flight is committed first: the loop metadata names the best
+    step, so a process killed between the two commits must not leave a resumable checkpoint that
+    points at best parameters which were never written.
+    """
     if step in self._latest.all_steps():
       logging.info("checkpoint for step %d already exists; keeping it", step)
       return
+    self._best.wait_until_finished()
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 

@@ -69,3 +69,27 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
   resumed = loop.train_and_evaluate(small_config(data), str(tmp_path / "b"))
   assert resumed["test"] == straight["test"]
+
+
+def test_latest_checkpoint_waits_for_the_best_params_it_names(tmp_path):
+  """The loop metadata of a step's checkpoint names the best step: the best parameters' async
+  save must be committed before that checkpoint starts, never after."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=True)
+  events = []
+  best_wait, latest_save = ckpt._best.wait_until_finished, ckpt._latest.save
+  ckpt._best.wait_until_finished = lambda: (events.append("best committed"), best_wait())[1]
+  ckpt._latest.save = lambda *a, **k: (events.append("latest save"), latest_save(*a, **k))[1]
+  params = {"w": jnp.arange(4.0)}
+  ckpt.save_best(5, params, {"step": 5})
+  events.append("save_best returned")  # (Orbax may wait on its own inside save_best)
+  ckpt.save(5, {"params": params}, {"best_step": 5})
+  after = events[events.index("save_best returned") + 1:]
+  assert after == ["best committed", "latest save"], events
+  ckpt.close()
+  again = checkpointing.Checkpointer(str(tmp_path))
+  assert again.latest_step() == 5 and again.best_step() == 5
+  restored, meta = again.restore_best(params)
+  assert meta["step"] == 5 and float(restored["w"][3]) == 3.0
+  again.close()
