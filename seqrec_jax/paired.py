@@ -129,7 +129,15 @@ def to_markdown(result: Dict, a_name: str = "A", b_name: str = "B") -> str:
         f"{r['b_mean']:.4f} ± {r['b_std']:.4f} | {r['diff']:+.4f} | "
         f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['p_value']:.4f} | "
         f"{ratio} | {'yes' if r['no_overlap'] else 'no'} |")
+  lines += ["", CAVEAT]
   return "\n".join(lines) + "\n"
+
+
+# Written under every table: two seeds of one method can differ with a user-level interval that
+# excludes zero (BENCHMARKS.md §6, the Toys backbone's seeds 2024 vs 2026).
+CAVEAT = ("The interval and p-value resample users for these trained runs: they leave training "
+          "randomness out. Whether one method beats another is the difference against the seed "
+          "spread (diff / seed spread, and the worst-vs-best column).")
 
 
 def expand(patterns: Sequence[str]) -> List[str]:

@@ -70,6 +70,7 @@ def test_a_clearly_better_arm(tmp_path):
     np.testing.assert_allclose(r["ci95"][1] - r["ci95"][0], 2 * half, rtol=0.1)
   table = paired.to_markdown(out, "SRA-CL", "SASRec")
   assert "| NDCG@10 |" in table and "SRA-CL - SASRec" in table and "| yes |" in table
+  assert table.rstrip().endswith(paired.CAVEAT)
 
 
 def test_sign_flip_p_value_matches_exact_enumeration(tmp_path):
