@@ -151,7 +151,8 @@ def benchmark_ours(config) -> dict:
   if hasattr(exp.task, "train_flops_per_example"):  # SRA-CL: 2 + k + 2 encoder passes
     flops_seq = exp.task.train_flops_per_example()
   else:
-    flops_seq = model_cfg.train_flops_per_sequence(config.model.loss_positions)
+    flops_seq = model_cfg.train_flops_per_sequence(
+        "masked" if config.task.name == "cloze" else config.model.loss_positions)
   batch_size = config.train.batch_size
   return {
       "dataset": exp.split.dataset.summary(),

@@ -4,14 +4,20 @@ Each train example's `target_seq` (the window ending with the target item) is ma
 every non-padding position is replaced by [MASK] with probability `mask_prob`, and the last
 position (the target) always is, so the next-item case that evaluation asks for is trained in
 every example (as BERT4Rec's fine-tuning on the appended [MASK]).  The bidirectional encoder
-scores every position; cross-entropy counts at the masked positions only.
+runs over every position; cross-entropy counts at the masked positions only.
+
+Only the masked positions are scored against the item table (the [N, V] output layer dominates
+the step): their hidden states are gathered into a static budget of `scoring_budget(B, L, p)`
+rows, which a batch exceeds with probability < 1e-4 even when every sequence is full; a batch
+that does is scored densely instead (`lax.cond`), so the loss is exact either way.
 
 Registered as task "cloze" on import (`seqrec_jax.tasks` imports this module on demand).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -22,8 +28,22 @@ import optax
 from seqrec_jax import tasks
 
 
-def _logits_everywhere(module, inputs, train):
-  return module.score(module.encode(inputs, train=train))
+def _encode(module, inputs, train):
+  return module.encode(inputs, train=train)
+
+
+def _score(module, hidden):
+  return module.score(hidden)
+
+
+def scoring_budget(batch: int, length: int, mask_prob: float) -> int:
+  """Rows scored per batch: the masked count of `batch` full-length sequences (the last position
+  always, each other one with probability `mask_prob`) at its mean + 4 standard deviations,
+  rounded up to a multiple of 8 and capped at batch * length."""
+  n = batch * (length - 1)
+  mean = batch + n * mask_prob
+  std = math.sqrt(n * mask_prob * (1.0 - mask_prob))
+  return min(batch * length, int(math.ceil((mean + 4.0 * std + 1.0) / 8.0)) * 8)
 
 
 def cloze_mask(target_seq: jax.Array, rng: jax.Array, mask_prob: float) -> jax.Array:
@@ -45,7 +65,8 @@ def cloze_mask(target_seq: jax.Array, rng: jax.Array, mask_prob: float) -> jax.A
 
 
 def cloze_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, mask_id: int, mask_prob: float, train: bool = True):
+               model: nn.Module, mask_id: int, mask_prob: float, train: bool = True,
+               budget: Optional[int] = None):
   """Masked-item cross-entropy over all items.
 
   Args:
@@ -56,20 +77,40 @@ def cloze_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.Array
     mask_id: the [MASK] token id.
     mask_prob: masking probability per non-padding position.
     train: dropout on/off.
+    budget: rows scored when the batch's masked positions fit (default `scoring_budget`); the
+      result does not depend on it.
 
   Returns:
     (sum of weighted CE over masked positions, sum of their weights, masked [B, L] bool).
   """
   mask_rng, dropout_rng = jax.random.split(rng)
   targets = batch["target_seq"]  # [B, L]
+  b, l = targets.shape
   masked = cloze_mask(targets, mask_rng, mask_prob)  # [B, L]
   inputs = jnp.where(masked, jnp.asarray(mask_id, targets.dtype), targets)  # [B, L]
-  logits = model.apply({"params": backbone_params}, inputs, train, rngs={"dropout": dropout_rng},
-                       method=_logits_everywhere)  # [B, L, V]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
-  w = batch["weights"][:, None] * masked  # [B, L]
-  ce = jnp.where(w > 0, ce, 0.0)  # unmasked/padding positions may hold -inf-derived values
-  return jnp.sum(ce * w), jnp.sum(w), masked
+  hidden = model.apply({"params": backbone_params}, inputs, train, rngs={"dropout": dropout_rng},
+                       method=_encode)  # [B, L, D]
+  w = (batch["weights"][:, None] * masked).reshape(-1)  # [B L]
+  flat_hidden = hidden.reshape(b * l, -1)  # [B L, D]
+  flat_targets = targets.reshape(-1)  # [B L]
+
+  def weighted_ce(h, t, wt):
+    logits = model.apply({"params": backbone_params}, h, method=_score)  # [N, V]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, t)  # [N]
+    return jnp.sum(jnp.where(wt > 0, ce, 0.0) * wt)  # unscored rows may hold -inf-derived CE
+
+  budget = scoring_budget(b, l, mask_prob) if budget is None else min(int(budget), b * l)
+  if budget >= b * l:
+    loss_sum = weighted_ce(flat_hidden, flat_targets, w)
+  else:
+    def gathered(_):
+      rows = jnp.nonzero(w > 0, size=budget, fill_value=0)[0]  # [K] the scored rows, in order
+      keep = jnp.arange(budget) < jnp.sum(w > 0)  # [K] the fill rows count for nothing
+      return weighted_ce(flat_hidden[rows], flat_targets[rows], jnp.where(keep, w[rows], 0.0))
+
+    loss_sum = jax.lax.cond(jnp.sum(w > 0) <= budget, gathered,
+                            lambda _: weighted_ce(flat_hidden, flat_targets, w), None)
+  return loss_sum, jnp.sum(w), masked
 
 
 class ClozeTask(tasks.NextItemTask):

@@ -200,7 +200,8 @@ class SRACLTask:
     layer, plus `encoder_passes()` backbone passes without one (the synthesizer and NT-Xent
     are O(B k D) and left out)."""
     cfg = self.model.config
-    rec = cfg.train_flops_per_sequence(self.loss_positions)
+    rec = cfg.train_flops_per_sequence(
+        "masked" if self.cfg.rec_task == "cloze" else self.loss_positions)
     # The same backbone over a one-item table: the encoder's FLOPs, its output layer ~0.
     encoder = dataclasses.replace(cfg, n_items=1).train_flops_per_sequence("last")
     return float(rec + self.encoder_passes() * encoder)

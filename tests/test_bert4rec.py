@@ -34,6 +34,11 @@ def test_config_rows_and_mask_id():
   assert BERT4RecConfig(n_items=22, max_len=L, vocab_pad_multiple=8).table_rows == 24
   assert BERT4RecConfig(n_items=23, max_len=L, vocab_pad_multiple=8).table_rows == 32
   assert cfg.train_flops_per_sequence() > cfg.train_flops_per_sequence("last") > 0
+  # The output layer: 3 x 2 D rows per scored position; the cloze task scores the masked ones.
+  f = cfg.train_flops_per_sequence
+  row = 3 * 2 * cfg.hidden * cfg.table_rows
+  assert f("all") - f("last") == pytest.approx(row * (L - 1))
+  assert f("masked") - f("last") == pytest.approx(row * cfg.mask_prob * (L - 1))
   with pytest.raises(ValueError, match="divisible"):
     BERT4RecConfig(n_items=5, max_len=L, hidden=15, n_heads=2)
 
@@ -128,6 +133,43 @@ def test_cloze_loss_on_a_hand_batch():
   assert not (masked5 & (target_seq == 0)).any() and masked5[:, -1].all()
   ref5, count5 = _manual_loss(model, params, target_seq, weights, masked5)
   assert float(wsum5) == count5 and float(loss5) == pytest.approx(ref5, rel=1e-5)
+
+
+def test_budgeted_scoring_equals_dense_scoring_in_loss_and_gradient():
+  """Scoring only the masked rows (the default budget), falling back to dense scoring when a
+  batch has more masked rows than the budget, and dense scoring give one loss and gradient."""
+  model, params = _model(dropout=0.0, attn_dropout=0.0)
+  target_seq = jax.random.randint(jax.random.key(1), (16, L), 1, N_ITEMS + 1)
+  target_seq = target_seq * (jnp.arange(L)[None] >= jnp.arange(16)[:, None] % 4)  # padding
+  weights = jnp.ones(16).at[3].set(0.0)
+  batch = {"target_seq": target_seq, "weights": weights}
+  # A key that masks the very first position, which the gather's fill rows point at: fill rows
+  # that were not zero-weighted would then count it again.
+  rng = next(k for k in (jax.random.key(s) for s in range(100))
+             if cloze.cloze_mask(target_seq, jax.random.split(k)[0], 0.3)[0, 0])
+
+  def run(budget):
+    def f(p):
+      loss, wsum, masked = cloze.cloze_loss(p, batch, rng, model=model, mask_id=21,
+                                            mask_prob=0.3, budget=budget)
+      return loss, (wsum, masked)
+    (loss, (wsum, masked)), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    return float(loss), float(wsum), masked, grad
+
+  dense = run(16 * L)
+  n_scored = int(dense[1])
+  assert 16 < n_scored < 16 * L // 2
+  for budget in (None, n_scored, n_scored - 1, 4):  # default; exactly enough; too few (dense)
+    loss, wsum, masked, grad = run(budget)
+    assert (masked == dense[2]).all() and wsum == dense[1]
+    assert loss == pytest.approx(dense[0], rel=1e-5), budget
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(dense[3])):
+      assert jnp.allclose(a, b, rtol=1e-4, atol=1e-7), budget
+  ref, _ = _manual_loss(model, params, target_seq, weights, dense[2])
+  assert dense[0] == pytest.approx(ref, rel=1e-5)
+  # The default budget: 4 standard deviations above the mean of full-length sequences.
+  assert cloze.scoring_budget(256, 20, 0.2) == 1344 and cloze.scoring_budget(256, 20, 1.0) == 5120
+  assert cloze.scoring_budget(16, L, 0.3) < 16 * L
 
 
 def _cloze_config(path):

@@ -65,13 +65,15 @@ class BERT4RecConfig(SASRecConfig):
     """Model FLOPs of one cloze training sequence (forward + backward = 3 x forward).
 
     Every position runs every block (bidirectional: no last-only shortcut): per token and layer
-    8 D^2 + 4 D I + 4 L D.  The output layer scores all L positions (as the cloze task does, then
-    keeps the masked ones), 2 D rows per position; with loss_positions="last" only one position.
+    8 D^2 + 4 D I + 4 L D.  The output layer costs 2 D rows per scored position: the cloze task
+    scores the masked ones ("masked": the last position and, on average, mask_prob of the other
+    L - 1 of a full window), "all" every position, "last" one.
     """
     d, i, l = self.hidden, self.inner, self.max_len
     per_token = 8 * d * d + 4 * d * i + 4 * l * d
     encoder = l * self.n_layers * per_token
-    output = 2 * d * self.table_rows * (1 if loss_positions == "last" else l)
+    scored = {"last": 1.0, "all": float(l)}.get(loss_positions, 1.0 + self.mask_prob * (l - 1))
+    output = 2 * d * self.table_rows * scored
     return 3.0 * (encoder + output)
 
 
