@@ -26,6 +26,17 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+LATEST_DIR = "checkpoints"  # <workdir>/checkpoints/<step>: the periodic train-state checkpoints
+
+
+def latest_step_on_disk(workdir: str) -> Optional[int]:
+  """The newest complete step under <workdir>/checkpoints without opening a manager (Orbax
+  renames a step's directory to its number only once it is written), or None."""
+  folder = os.path.join(os.path.abspath(workdir), LATEST_DIR)
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps) if steps else None
+
+
 class Checkpointer:
   """Saves and restores train state, loop metadata and the best parameters."""
 
@@ -34,7 +45,7 @@ class Checkpointer:
       raise ValueError(f"config.checkpoint.max_to_keep must be >= 1, got {max_to_keep}")
     self.workdir = os.path.abspath(workdir)
     self._latest = ocp.CheckpointManager(
-        os.path.join(self.workdir, "checkpoints"),
+        os.path.join(self.workdir, LATEST_DIR),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(

@@ -99,18 +99,20 @@ def cloze_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.Array
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, t)  # [N]
     return jnp.sum(jnp.where(wt > 0, ce, 0.0) * wt)  # unscored rows may hold -inf-derived CE
 
+  def dense(_):
+    return weighted_ce(flat_hidden, flat_targets, w)
+
   budget = scoring_budget(b, l, mask_prob) if budget is None else min(int(budget), b * l)
   if budget >= b * l:
-    loss_sum = weighted_ce(flat_hidden, flat_targets, w)
-  else:
-    def gathered(_):
-      rows = jnp.nonzero(w > 0, size=budget, fill_value=0)[0]  # [K] the scored rows, in order
-      keep = jnp.arange(budget) < jnp.sum(w > 0)  # [K] the fill rows count for nothing
-      return weighted_ce(flat_hidden[rows], flat_targets[rows], jnp.where(keep, w[rows], 0.0))
+    return dense(None), jnp.sum(w), masked
+  n_scored = jnp.sum(w > 0)
 
-    loss_sum = jax.lax.cond(jnp.sum(w > 0) <= budget, gathered,
-                            lambda _: weighted_ce(flat_hidden, flat_targets, w), None)
-  return loss_sum, jnp.sum(w), masked
+  def gathered(_):
+    rows = jnp.nonzero(w > 0, size=budget, fill_value=0)[0]  # [K] the scored rows, in order
+    keep = jnp.arange(budget) < n_scored  # [K] the fill rows count for nothing
+    return weighted_ce(flat_hidden[rows], flat_targets[rows], jnp.where(keep, w[rows], 0.0))
+
+  return jax.lax.cond(n_scored <= budget, gathered, dense, None), jnp.sum(w), masked
 
 
 class ClozeTask(tasks.NextItemTask):

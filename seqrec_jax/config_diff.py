@@ -77,9 +77,7 @@ def resume_changes(old: Mapping[str, Any],
   """
   a, b = flatten(old), flatten(new)
   changed, free = [], []
-  for key in sorted(set(a) | set(b)):
-    if key not in a:
-      continue
+  for key in sorted(a):
     old_value, new_value = a[key], b.get(key, "<removed>")
     if old_value == new_value:
       continue

@@ -239,19 +239,11 @@ def final_metrics(exp: Experiment, params, *,
   return out
 
 
-def _latest_checkpoint_on_disk(workdir: str) -> Optional[int]:
-  """The newest complete step under <workdir>/checkpoints (Orbax renames a step's directory to
-  its number only once it is written), or None."""
-  folder = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-  return max(steps) if steps else None
-
-
 def _check_resumed_config(config: ml_collections.ConfigDict, workdir: str, is_main: bool) -> None:
   """Before a run resumes from its checkpoints: its config.json against `config` (see
   `config_diff`). Raises ValueError naming each changed key unless on_config_change='allow'."""
   path = os.path.join(workdir, "config.json")
-  step = _latest_checkpoint_on_disk(workdir)
+  step = checkpointing.latest_step_on_disk(workdir)
   if step is None or not os.path.isfile(path):
     return
   try:
