@@ -14,6 +14,10 @@ and sweep_seeds.png give each arm's mean ± std over its finished seeds, and swe
 compares the first arm with each other arm user by user (launch/compare_runs.py).
 sweep_curves.png draws every started run's validation curve, runs still training included
 (`--tabulate_only` redraws it while a sweep runs).
+`--archive DIR` then copies what the tables, curves and paired comparisons are made of into DIR
+(the sweep files and each started run's results.json, config.json, metrics.jsonl and compressed
+eval_ranks.npz; no checkpoints): a few hundred KB per run, small enough to commit, and
+`--tabulate_only --workdir DIR` or launch/compare_runs.py on DIR redo every figure from it.
 A run that stops early (SIGTERM: checkpointed, no results.json), or one killed by a signal, stops
 the sweep; the same command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as
 SIGTERM.
@@ -72,7 +76,12 @@ _ONLY = flags.DEFINE_list(
     "synthesizer=mean_seed=2024); the others start nothing, and finished ones are still tabulated.")
 _TABULATE = flags.DEFINE_bool("tabulate_only", False,
                               "Start nothing: tabulate and plot the runs that have finished.")
+_ARCHIVE = flags.DEFINE_string(
+    "archive", None, "After tabulating, copy the sweep's tables and each started run's small "
+    "files (results, config, metrics, compressed per-user ranks; no checkpoints) here.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+ARCHIVED_RUN_FILES = ("results.json", "config.json", "metrics.jsonl")
 
 
 def load_sweep(config_arg: str) -> List[Dict[str, Any]]:
@@ -446,6 +455,47 @@ def plot_curves(workdir: str, sweep) -> List[str]:
   return [path]
 
 
+def archive(workdir: str, sweep, dst: str) -> List[str]:
+  """Copies the sweep's own files and every started run's small files from `workdir` into `dst`.
+
+  Per run: ARCHIVED_RUN_FILES and eval_ranks.npz (rewritten compressed), never checkpoints, so
+  that `dst` alone reproduces the tables, the curves and the paired comparisons. Files already in
+  `dst` are replaced; each is written atomically. Returns the names of the runs archived.
+  """
+  from seqrec_jax import fileio  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
+  if os.path.abspath(dst) == os.path.abspath(workdir):
+    raise ValueError(f"--archive={dst} is the sweep's own workdir")
+
+  def copy(src, out):
+    with open(src, "rb") as f:
+      data = f.read()
+    fileio.atomic_write(out, lambda g: g.write(data), mode="wb")
+
+  os.makedirs(dst, exist_ok=True)
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith("sweep") and os.path.isfile(os.path.join(workdir, name)):
+      copy(os.path.join(workdir, name), os.path.join(dst, name))
+  done = []
+  for overrides in sweep:
+    name = run_name(overrides)
+    src = os.path.join(workdir, name)
+    present = [f for f in ARCHIVED_RUN_FILES if os.path.exists(os.path.join(src, f))]
+    if not present:
+      continue
+    os.makedirs(os.path.join(dst, name), exist_ok=True)
+    for f in present:
+      copy(os.path.join(src, f), os.path.join(dst, name, f))
+    ranks = os.path.join(src, paired.RANKS_FILE)
+    if os.path.exists(ranks):
+      with np.load(ranks) as z:
+        arrays = {k: z[k] for k in z.files}
+      fileio.atomic_write(os.path.join(dst, name, paired.RANKS_FILE),
+                          lambda g, a=arrays: np.savez_compressed(g, **a), mode="wb")
+    done.append(name)
+  return done
+
+
 def _describe(how: str, returncode: int) -> str:
   """A run's `_outcome` in words, as the sweep prints it after the run's name."""
   return {"finished": "finished", "killed": f"killed by signal {-returncode}",
@@ -640,6 +690,11 @@ def main(argv):
   elif not pngs and mode == "train":
     pngs += plot_runs(workdir, rows, metrics)
   print("wrote", os.path.join(workdir, "sweep.csv"), *pngs)
+  if _ARCHIVE.value:
+    dst = os.path.abspath(os.path.expanduser(_ARCHIVE.value))
+    runs = archive(workdir, sweep, dst)
+    print(f"archived the sweep's tables and {len(runs)} runs' results, configs, metrics and "
+          f"ranks in {dst}")
 
 
 if __name__ == "__main__":

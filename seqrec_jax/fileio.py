@@ -6,6 +6,10 @@ import os
 import tempfile
 from typing import Callable, IO
 
+# mkstemp creates 0600 files; written files get the permissions a plain open() would give them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
   """Writes `path` through a temporary file in the same folder, fsync, then `os.replace`.
@@ -18,6 +22,7 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> No
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
   try:
+    os.chmod(tmp, 0o666 & ~_UMASK)
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       write(f)
       f.flush()

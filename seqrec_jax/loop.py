@@ -235,7 +235,7 @@ def final_metrics(exp: Experiment, params, *,
     out[stage], rows = exp.evaluate.with_ranks(params, stage)
     arrays.update({f"{stage}_{k}": v for k, v in rows.items()})
   if jax.process_index() == 0:
-    fileio.atomic_write(ranks_path, lambda f: np.savez(f, **arrays))
+    fileio.atomic_write(ranks_path, lambda f: np.savez_compressed(f, **arrays))
   return out
 
 

@@ -93,3 +93,21 @@ def test_latest_checkpoint_waits_for_the_best_params_it_names(tmp_path):
   restored, meta = again.restore_best(params)
   assert meta["step"] == 5 and float(restored["w"][3]) == 3.0
   again.close()
+
+
+def test_atomic_write_replaces_whole_files_with_plain_permissions(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import fileio  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "results.json")
+  fileio.atomic_write(path, lambda f: f.write("old"), mode="w")
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+  def fail(f):
+    f.write("half")
+    raise RuntimeError("disk full")
+
+  with pytest.raises(RuntimeError, match="disk full"):
+    fileio.atomic_write(path, fail, mode="w")
+  assert open(path).read() == "old" and os.listdir(tmp_path) == ["results.json"]  # no temp left

@@ -369,3 +369,46 @@ def test_learning_curves_of_finished_and_running_runs(tmp_path):
   (png,) = sweep_lib.plot_curves(str(tmp_path), sweep)
   assert png.endswith("sweep_curves.png") and os.path.getsize(png) > 1000
   assert sweep_lib.plot_curves(str(tmp_path / "alpha=0.0_seed=2"), sweep) == []
+
+
+def test_archive_keeps_what_reproduces_the_tables_and_no_checkpoints(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
+  plan = [{"seed": s} for s in (1, 2)] + [{"sracl.alpha": 0.0, "seed": s} for s in (1, 2)]
+  work, dst = tmp_path / "work", tmp_path / "archive"
+  metrics = {m: 0.1 for m in ("HR@10", "NDCG@10", "HR@20", "NDCG@20")}
+  rng = np.random.default_rng(0)
+  users = np.arange(500, dtype=np.int32)
+  for i, overrides in enumerate(plan[:3]):  # the last run has not started
+    d = work / sweep_lib.run_name(overrides)
+    (d / "checkpoints" / "10").mkdir(parents=True)
+    (d / "checkpoints" / "10" / "state").write_bytes(b"x" * 1000)
+    (d / "config.json").write_text(json.dumps({"train": {"early_stop_metric": "MRR@10"}}))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "split": "valid", "MRR@10": i}) + "\n")
+    if i < 2:  # the third run is still training
+      (d / "results.json").write_text(json.dumps(
+          {"valid": metrics, "test": {**metrics, "HR@10": 0.1 * i}, "best_step": 10,
+           "train_seconds": 1.0}))
+      ranks = rng.integers(0, 50, size=500).astype(np.int32)
+      np.savez(d / paired.RANKS_FILE, users=users, test_targets=users, test_ranks=ranks,
+               valid_targets=users, valid_ranks=ranks + 1)
+  (work / "sweep.csv").write_text("run\n")
+  assert sweep_lib.archive(str(work), plan, str(dst)) == [
+      sweep_lib.run_name(o) for o in plan[:3]]
+  assert (dst / "sweep.csv").read_text() == "run\n"
+  assert not list(dst.rglob("checkpoints")) and not (dst / "alpha=0.0_seed=2").exists()
+  assert not (dst / "alpha=0.0_seed=1" / "results.json").exists()  # unfinished stays unfinished
+  metrics_names = ["HR@10", "NDCG@20"]
+  assert (sweep_lib.collect(str(dst), plan, metrics_names)
+          == sweep_lib.collect(str(work), plan, metrics_names))
+  assert sweep_lib.learning_curves(str(dst), plan) == sweep_lib.learning_curves(str(work), plan)
+  for stage in ("valid", "test"):
+    for name in ("seed=1", "seed=2"):
+      a, b = paired.load_ranks(str(work / name), stage), paired.load_ranks(str(dst / name), stage)
+      assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert (os.path.getsize(dst / "seed=1" / paired.RANKS_FILE)
+          < os.path.getsize(work / "seed=1" / paired.RANKS_FILE))  # compressed
+  with pytest.raises(ValueError, match="own workdir"):
+    sweep_lib.archive(str(work), plan, str(work))

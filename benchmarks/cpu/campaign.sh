@@ -11,6 +11,8 @@
 # starts it in the background so that it outlives the shell that launched it:
 #   (setsid nohup bash benchmarks/cpu/campaign.sh > /work/runs/campaign.log 2>&1 &)
 # A missing kit (.kit/<dataset>) is built first with benchmarks/device/make_kit.sh.
+# Each job's tables and its runs' small files (no checkpoints) are archived in
+# benchmarks/results/runs/cpu/<job> when its sweep ends, ready to commit.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${CPU_RUNS:-/work/runs}"
@@ -71,7 +73,7 @@ for job in "${@:-${DEFAULT_JOBS[@]}}"; do
   fi
   echo "$(date -u +%FT%TZ) $job: starting (or resuming) in $RUNS/$job"
   # No deadline: a run ends by early stopping, or when the session kills it (then it resumes).
-  OUT="$RUNS/out_$job" DEVICE_RUNS="$RUNS" PARALLEL=1 \
+  OUT="$RUNS/out_$job" DEVICE_RUNS="$RUNS" PARALLEL=1 ARCHIVE_DIR=benchmarks/results/runs/cpu \
     bash benchmarks/device/run_jobs.sh 100000000 "$job"
   n_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
   echo "$(date -u +%FT%TZ) $job: $n_runs runs finished"

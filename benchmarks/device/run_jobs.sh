@@ -18,6 +18,8 @@
 # PAR_SCALE=N multiplies each job's runs-at-once (default 1), PARALLEL=N sets it for every job;
 # SWEEP_EXTRA adds flags to every run
 # (e.g. SWEEP_EXTRA="--config.train.num_steps=4" for a dry run on a CPU).
+# ARCHIVE_DIR=D also copies each job's tables and its runs' small files (results, configs,
+# metrics, compressed per-user ranks; no checkpoints) into D/<job> (launch/sweep.py --archive).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -108,7 +110,7 @@ for p in "${pids[@]}"; do wait "$p"; done
 for job in "$@"; do
   read -r ds mode config _ only <<< "$(spec "$job")"
   python3 launch/sweep.py --config="$config" --workdir="$RUNS/$job" --tabulate_only \
-    ${only:+"$only"} > /dev/null 2>&1
+    ${only:+"$only"} ${ARCHIVE_DIR:+--archive="$ARCHIVE_DIR/$job"} > /dev/null 2>&1
   n_done=$(ls "$RUNS/$job"/*/results.json 2>/dev/null | wc -l)
   echo "== $job: $n_done runs finished"
   [ -f "$RUNS/$job/sweep_seeds.md" ] && cat "$RUNS/$job/sweep_seeds.md"
