@@ -9,4 +9,6 @@ bash launch/setup_venv.sh
 . .venv/bin/activate
 CONFIG="${CONFIG:-configs/sasrec/ml100k.py}"
 WORKDIR="${WORKDIR:-$HOME/runs/sasrec_ml100k_demo}"
-python launch/train.py --config "$CONFIG" --workdir "$WORKDIR" "$@"
+# exec: a SIGTERM or SIGINT to this script (timeout, a scheduler) reaches the trainer itself,
+# which checkpoints and exits 0; the same command resumes.
+exec python launch/train.py --config "$CONFIG" --workdir "$WORKDIR" "$@"
