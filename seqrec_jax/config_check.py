@@ -62,6 +62,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if on_change not in config_diff.ON_CONFIG_CHANGE:
     raise ValueError(f"config.train.on_config_change={on_change!r}; allowed: "
                      f"{config_diff.ON_CONFIG_CHANGE}")
+  in_flight = config.train.get("steps_in_flight", 0)  # absent in older configs
+  if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 0:
+    raise ValueError(f"config.train.steps_in_flight must be an int >= 0 (0 = unbounded), got "
+                     f"{in_flight!r}")
   if config.optim.lr <= 0:
     raise ValueError(f"config.optim.lr must be positive, got {config.optim.lr}")
   if config.task.name in _TASK_VALIDATORS:

@@ -26,6 +26,7 @@ CHANGES_FILE = "config_changes.jsonl"
 RESUME_FREE_KEYS = (
     "data.path", "data.meta_path", "data.name",       # where the data is
     "train.progress", "train.log_every_steps",        # what is shown
+    "train.steps_in_flight",                          # how far the host runs ahead
     "train.stop_at_step", "train.on_config_change",   # when to stop; this check itself
     "eval.batch_size",                                # evaluation chunking (same metrics)
     "checkpoint.*", "mesh.*",                         # when to save; how devices share the work

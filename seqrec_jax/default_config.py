@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.early_stop_mode = "max"  # max: higher is better (metrics) | min: lower is (losses)
   c.train.stop_at_step = -1  # stop (checkpointed) at this step as if preempted; -1 = off
   c.train.progress = True  # tqdm progress bar on process 0
+  # Steps dispatched ahead of the last finished one (>= 1). Enough to overlap the host's input
+  # work with the device; a bound keeps the progress bar, its ETA and a preemption's response
+  # true to the device (0 = unbounded: the host only waits at logging steps).
+  c.train.steps_in_flight = 2
   c.train.on_config_change = "error"  # resuming with changed result-affecting keys: error | allow
 
   c.eval = ml_collections.ConfigDict()

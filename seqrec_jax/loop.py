@@ -332,10 +332,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     pending = []  # device-side train metrics since the last log
     progress = _progress(num_steps, step, enabled=is_main and config.train.progress)
     cleanup.callback(progress.close)
+    in_flight = config.train.get("steps_in_flight", 0)
     while not loop["finished"] and step < num_steps:
       state, train_metrics = train_step(state, next(iterator))
       step += 1
       pending.append(train_metrics)
+      if in_flight and len(pending) > in_flight:  # the step `in_flight` back has finished
+        jax.block_until_ready(pending[-1 - in_flight]["loss_sum"])
       progress.update(1)
       if step % config.train.log_every_steps == 0 or step % eval_every == 0 or step == num_steps:
         summary = _summarise(pending)

@@ -370,3 +370,33 @@ def test_an_error_mid_run_keeps_its_checkpoints_and_hands_signals_back(pairs_fil
   assert saved and saved[-1] == 10  # the last periodic save before the error, complete
   again = loop.train_and_evaluate(c, str(tmp_path / "b"))
   assert again["test"] == straight["test"] and again["steps"] == 20
+
+
+def test_steps_in_flight_bounds_the_host_without_changing_results(pairs_file, tmp_path,
+                                                                 monkeypatch):
+  """The host waits for the step `steps_in_flight` back (so the progress bar and a preemption
+  follow the device); the bound changes no number, and a resumed run may change it."""
+  waited = []
+  real = jax.block_until_ready
+  monkeypatch.setattr(loop.jax, "block_until_ready", lambda x: waited.append(1) or real(x))
+  runs = {}
+  for in_flight in (0, 2):
+    c = small_config(pairs_file)
+    c.train.steps_in_flight = in_flight
+    waited.clear()
+    runs[in_flight] = loop.train_and_evaluate(c, str(tmp_path / f"f{in_flight}"))
+    # log_every_steps=5 syncs every 5 steps; in between, steps beyond the bound wait once each.
+    assert len(waited) == 40 // 5 * (5 - in_flight if in_flight else 0)
+  assert runs[2]["test"] == runs[0]["test"] and runs[2]["valid"] == runs[0]["valid"]
+  c = small_config(pairs_file)
+  c.train.steps_in_flight = 1
+  c.train.stop_at_step = 20
+  wd = str(tmp_path / "resumed")
+  loop.train_and_evaluate(c, wd)
+  c.train.stop_at_step = -1
+  c.train.steps_in_flight = 0
+  assert loop.train_and_evaluate(c, wd)["test"] == runs[0]["test"]  # a free key on resume
+  c = small_config(pairs_file)
+  c.train.steps_in_flight = -1
+  with pytest.raises(ValueError, match="steps_in_flight must be an int >= 0"):
+    loop.train_and_evaluate(c, str(tmp_path / "bad"))
