@@ -59,6 +59,11 @@ def test_slim_tables_restore_bit_for_bit(tmp_path, monkeypatch, mode):
     assert np.load(tmp_path / "slim" / "prefix_rows.npy").shape[0] <= ds.n_users < split.n_train
   assert slim_bytes < sum(os.path.getsize(tmp_path / "full" / f)
                           for f in os.listdir(tmp_path / "full") if f != "cache")
+  # Before its restore, a slim copy is never recomputed in place (ScaNN would draw new tables).
+  before = {f: (tmp_path / "slim" / f).read_bytes() for f in slim_files}
+  with pytest.raises(ValueError, match="slim semantic tables .* not recomputed in place"):
+    pipeline.build_semantic_tables(split, cfg, str(tmp_path / "slim"), progress=False)
+  assert {f: (tmp_path / "slim" / f).read_bytes() for f in os.listdir(tmp_path / "slim")} == before
   kit.restore(str(tmp_path / "slim"), split, cfg)
   back = pipeline.load_tables(str(tmp_path / "slim"))
   for name in pipeline.TABLE_NAMES:

@@ -219,6 +219,16 @@ def test_other_encoder_files_recompute_and_older_tables_still_load(built, tmp_pa
   monkeypatch.setattr(text_encoder, "checkpoint_digest", lambda path=None: "0" * 32)
   with pytest.raises(AssertionError, match="must not run"):
     pipeline.build_semantic_tables(split, _cfg(), out, progress=False)
+  # No encoder on this machine (a GPU machine given built tables): they load, unchecked...
+  def absent(path=None):
+    raise FileNotFoundError("the default text encoder ... is not installed")
+
+  monkeypatch.setattr(text_encoder, "checkpoint_digest", absent)
+  assert pipeline.build_semantic_tables(split, _cfg(), out, progress=False).stats[
+      "loaded_from_out_dir"]
+  # ... but tables that would need it say so.
+  with pytest.raises(FileNotFoundError, match="not installed"):
+    pipeline.build_semantic_tables(split, _cfg(), str(tmp_path / "none_yet"), progress=False)
   # Nothing to encode (all vectors precomputed): no digest is taken.
   monkeypatch.setattr(text_encoder, "checkpoint_digest", fail)
   assert pipeline._encoder_digest(pipeline.resolve_config(_cfg(

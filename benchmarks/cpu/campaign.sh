@@ -10,7 +10,8 @@
 # last checkpoint when the same command is launched again; finished runs are skipped. A session
 # starts it in the background so that it outlives the shell that launched it:
 #   (setsid nohup bash benchmarks/cpu/campaign.sh > /work/runs/campaign.log 2>&1 &)
-# A missing kit (.kit/<dataset>) is built first with benchmarks/device/make_kit.sh.
+# A missing kit (.kit/<dataset>) is built first with benchmarks/device/make_kit.sh; its tables are
+# restored into $CPU_RUNS/kit, so that .kit stays slim enough to travel to a lent GPU.
 # Each job's tables and its runs' small files (no checkpoints) are archived in
 # benchmarks/results/runs/cpu/<job> when its sweep ends, ready to commit.
 set -uo pipefail
@@ -74,6 +75,7 @@ for job in "${@:-${DEFAULT_JOBS[@]}}"; do
   echo "$(date -u +%FT%TZ) $job: starting (or resuming) in $RUNS/$job"
   # No deadline: a run ends by early stopping, or when the session kills it (then it resumes).
   OUT="$RUNS/out_$job" DEVICE_RUNS="$RUNS" PARALLEL=1 ARCHIVE_DIR=benchmarks/results/runs/cpu \
+    SEM_ROOT="$RUNS/kit" \
     bash benchmarks/device/run_jobs.sh 100000000 "$job"
   n_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
   echo "$(date -u +%FT%TZ) $job: $n_runs runs finished"

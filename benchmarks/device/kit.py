@@ -37,7 +37,7 @@ from seqrec_jax import fileio  # pylint: disable=g-import-not-at-top
 from seqrec_jax import loop
 from sracl_jax.semantic import pipeline
 
-MANIFEST = "kit_manifest.json"
+MANIFEST = pipeline.KIT_MANIFEST
 PREFIX = "prefix_embeddings.npy"
 FLAGS = flags.FLAGS
 

@@ -18,6 +18,8 @@
 # PAR_SCALE=N multiplies each job's runs-at-once (default 1), PARALLEL=N sets it for every job;
 # SWEEP_EXTRA adds flags to every run
 # (e.g. SWEEP_EXTRA="--config.train.num_steps=4" for a dry run on a CPU).
+# SEM_ROOT=D restores each slim kit's tables into D/<dataset>/sem_<mode> (a copy) instead of in
+# place, so that .kit stays small enough to travel (the CPU campaign sets it).
 # ARCHIVE_DIR=D also copies each job's tables and its runs' small files (results, configs,
 # metrics, compressed per-user ranks; no checkpoints) into D/<job> (launch/sweep.py --archive).
 set -uo pipefail
@@ -85,8 +87,11 @@ run_job() {
     fi
     sem="$sem/semantic"
   else
-    sem="$ROOT/.kit/$ds/sem_$mode"
+    sem="${SEM_ROOT:-$ROOT/.kit}/$ds/sem_$mode"
     if [ ! -f "$sem/prefix_embeddings.npy" ]; then
+      if [ "$sem" != "$ROOT/.kit/$ds/sem_$mode" ]; then
+        rm -rf "$sem" && mkdir -p "$sem" && cp -rp "$ROOT/.kit/$ds/sem_$mode"/. "$sem"/ || return 1
+      fi
       python3 benchmarks/device/kit.py --action=restore --dst "$sem" --config "$config" \
         --config.data.path="$data" --config.sracl.semantic.user_mode="$mode" \
         > "$RUNS/${job}_restore.log" 2>&1 || return 1

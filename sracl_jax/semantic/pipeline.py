@@ -58,6 +58,9 @@ from sracl_jax.semantic import llm
 from sracl_jax.semantic import prompts as prompts_lib
 from sracl_jax.semantic import retrieval
 
+# Written by benchmarks/device/kit.py beside slim tables (prefix embeddings left out to travel).
+KIT_MANIFEST = "kit_manifest.json"
+
 # Bump when the construction of any table changes, so that old outputs are recomputed.
 PIPELINE_VERSION = 1
 USER_MODES = ("prefix", "user", "items")
@@ -627,13 +630,32 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   ds = split.dataset
   k, mode = int(opts["k"]), opts["user_mode"]
   fp, fp_settings = fingerprint(split, opts)
-  opts["encoder_digest"] = _encoder_digest(opts)
+  try:
+    opts["encoder_digest"] = _encoder_digest(opts)
+    no_encoder = None
+  except FileNotFoundError as e:  # e.g. a GPU machine given built tables but not the encoder
+    opts["encoder_digest"], no_encoder = None, e
   cached = _load_if_current(out_dir, fp, ds.n_items, split.n_train, k, opts["encoder_digest"])
   if cached is not None:
+    if no_encoder is not None:
+      logging.warning("semantic tables in %s: the encoder is not here (%s), so the tables' "
+                      "encoder digest %s is not checked", out_dir, no_encoder,
+                      cached.stats.get("encoder_digest"))
     logging.info("semantic tables: loaded %s (fingerprint %s matches; nothing recomputed)",
                  out_dir, fp)
     cached.stats["loaded_from_out_dir"] = True
     return cached
+  if os.path.exists(os.path.join(out_dir, KIT_MANIFEST)):
+    # A copy made to travel (benchmarks/device/kit.py): recomputing would overwrite its tables
+    # with new ones (ScaNN builds differ), changing the protocol of every run that uses it.
+    raise ValueError(
+        f"{out_dir} holds slim semantic tables ({KIT_MANIFEST}) that do not load as they are "
+        "(see the log line above): restore them with `python benchmarks/device/kit.py "
+        f"--action=restore --dst {out_dir} --config CONFIG` (the config the tables were built "
+        "for), or point config.sracl.semantic_dir elsewhere to build new tables; they are not "
+        "recomputed in place")
+  if no_encoder is not None:
+    raise no_encoder
 
   t_start = time.perf_counter()
   os.makedirs(out_dir, exist_ok=True)
