@@ -5,6 +5,7 @@
 #   bash benchmarks/cpu/campaign.sh --pause       SIGSTOP the running campaign and its runs (to
 #   bash benchmarks/cpu/campaign.sh --continue    free the CPU for a CI check), then SIGCONT
 # Default jobs, in order: toys_compare ml100k_compare beauty_missing beauty_gru4rec beauty_bert4rec
+# beauty_faithful
 # (benchmarks/device/run_jobs.sh defines them: the same configs, kit and commands as on a GPU).
 # Runs live in $CPU_RUNS/<job> (default /work/runs), outside the checkout, and resume from their
 # last checkpoint when the same command is launched again; finished runs are skipped. A session
@@ -17,7 +18,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${CPU_RUNS:-/work/runs}"
-DEFAULT_JOBS=(toys_compare ml100k_compare beauty_missing beauty_gru4rec beauty_bert4rec)
+DEFAULT_JOBS=(toys_compare ml100k_compare beauty_missing beauty_gru4rec beauty_bert4rec
+              beauty_faithful)
 mkdir -p "$RUNS"
 
 if [ "${1:-}" = "--status" ]; then
@@ -71,6 +73,10 @@ for job in "${@:-${DEFAULT_JOBS[@]}}"; do
   if [ ! -d ".kit/$ds/data" ]; then
     echo "$(date -u +%FT%TZ) building the $ds kit"
     bash benchmarks/device/make_kit.sh "$ds" || exit 1
+  fi
+  if [ "$job" = beauty_faithful ] && [ ! -f .kit/minilm/model.safetensors ]; then
+    echo "$(date -u +%FT%TZ) building the minilm kit"
+    bash benchmarks/device/make_kit.sh minilm || exit 1
   fi
   echo "$(date -u +%FT%TZ) $job: starting (or resuming) in $RUNS/$job"
   # No deadline: a run ends by early stopping, or when the session kills it (then it resumes).
