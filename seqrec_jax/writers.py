@@ -25,7 +25,13 @@ class MetricWriter:
     if not enabled:
       return
     self._truncate_after(resume_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      # An image without tensorboardX (the lent GPU's) still trains: metrics.jsonl holds every row.
+      logging.warning("tensorboardX is not installed: metrics go to %s only, no TensorBoard "
+                      "events (pip install tensorboardX)", self.path)
+      return
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step or None)
 
   def _truncate_after(self, step: int) -> None:
@@ -46,6 +52,8 @@ class MetricWriter:
     row = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    if self._tb is None:
+      return
     for k, v in values.items():
       # TensorBoard tags allow [A-Za-z0-9_./-]: "NDCG@10" -> "NDCG_10".
       self._tb.add_scalar(f"{split}/{k.replace('@', '_')}", float(v), int(step))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the git-ignored kit that the lent GPU machine needs for the SRA-CL evidence runs
 # (benchmarks/device/README.md), on this machine, in the project venv:
-#   .whl/                      Python 3.12 wheels the device image lacks: ml-collections, scann, bm25s
+#   .whl/                      Python 3.12 wheels the device image lacks: ml-collections, scann, bm25s,
+#                              tensorboardX (optional since writers.py: without it only metrics.jsonl)
 #   .kit/<dataset>/data        its files (a copy of ../shared/data, or ml-100k's atomic files)
 #   .kit/<dataset>/sem_<mode>  its semantic tables, slim (kit.py), each checked after the build
 # Each .kit/<dataset> stays under the device's 64 MiB per call with .whl beside it.
@@ -27,7 +28,7 @@ mkdir -p .whl
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-  ml-collections==1.1.0 scann==1.4.2 bm25s==0.3.16
+  ml-collections==1.1.0 scann==1.4.2 bm25s==0.3.16 tensorboardX==2.6.5
 
 build() {  # build DATASET MODE CONFIG DATA_PATH
   local ds=$1 mode=$2 config=$3 data=$4 src dst
