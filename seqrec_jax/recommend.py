@@ -1187,7 +1187,9 @@ def _index_params(n: int, k: int, tree_min_items: int, num_leaves: int, leaves_t
           "num_leaves_to_search": max(1, min(search, leaves)),
           "reorder": max(int(reorder) or 10 * k, k), "dims_per_block": 2,
           "anisotropic_quantization_threshold": 0.2,
-          "training_sample_size": min(n, 100_000)}
+          "training_sample_size": min(n, 100_000),
+          # k-means++ centres: a rebuild gives the same index (ScaNN's random init does not).
+          "tree_init": "kmeans++"}
 
 
 def build_scann(items: np.ndarray, k: int, params: Dict[str, Any]):
@@ -1199,7 +1201,9 @@ def build_scann(items: np.ndarray, k: int, params: Dict[str, Any]):
     return builder.score_brute_force().build()
   return (builder.tree(num_leaves=params["num_leaves"],
                        num_leaves_to_search=params["num_leaves_to_search"],
-                       training_sample_size=params["training_sample_size"])
+                       training_sample_size=params["training_sample_size"],
+                       # params written before "tree_init" existed were built with random init
+                       random_init=params.get("tree_init", "random") == "random")
           .score_ah(params["dims_per_block"],
                     anisotropic_quantization_threshold=params[
                         "anisotropic_quantization_threshold"])

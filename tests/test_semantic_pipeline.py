@@ -378,14 +378,20 @@ def test_scann_settings_reach_the_searcher_and_the_fingerprint(tmp_path, monkeyp
   _check_common(tables, split)
   stats = tables.stats["retrieval_prefixes"]
   assert (stats["method"], stats["num_leaves"], stats["num_leaves_to_search"],
-          stats["reorder"]) == ("scann", 4, 4, 40)
+          stats["reorder"], stats["init"]) == ("scann", 4, 4, 40, "kmeans++")
   assert stats["recall_at_k"] >= 0.9  # every leaf searched, 40 rescored exactly
-  # Unset (0) keys leave the fingerprint of older tables unchanged; set ones change it.
+  # Unset (0) keys and the default kmeans++ init leave the fingerprint of older tables unchanged
+  # (they load as they are); set ones, and the random init, change it.
   fp_default, settings = pipeline.fingerprint(split, pipeline.resolve_config(_cfg(**base)))
   assert not any(key.startswith("scann_") for key in settings)
   assert pipeline.fingerprint(split, pipeline.resolve_config(cfg))[0] != fp_default
+  fp_random, settings = pipeline.fingerprint(
+      split, pipeline.resolve_config(_cfg(**base, scann_init="random")))
+  assert fp_random != fp_default and settings["scann_init"] == "random"
   with pytest.raises(ValueError, match="scann_reorder"):
     pipeline.resolve_config({"scann_reorder": -1})
+  with pytest.raises(ValueError, match="semantic.scann_init must be one of"):
+    pipeline.resolve_config({"scann_init": "kmeans"})
   # A database too small for ScaNN is a clear error, not ScaNN's own.
   (tmp_path / "tiny").mkdir()
   tiny = _pairs_split(tmp_path / "tiny")

@@ -115,6 +115,10 @@ def default_semantic_config() -> ml_collections.ConfigDict:
   c.scann_num_leaves = 0
   c.scann_num_leaves_to_search = 0
   c.scann_reorder = 0
+  # ScaNN tree centre initialisation: kmeans++ (deterministic: a rebuild on any machine gives the
+  # same neighbours) | random (ScaNN's own default, used by every table built before this key:
+  # two builds differ in a quarter of the prefix rows; such tables keep loading under kmeans++)
+  c.scann_init = "kmeans++"
   c.cache_dir = ""  # kNN cache; "" = <out_dir>/cache
   return c
 
@@ -173,6 +177,9 @@ def resolve_config(cfg: Any) -> Dict[str, Any]:
   if opts["retrieval_method"] not in retrieval.METHODS:
     raise ValueError(f"semantic.retrieval_method must be one of {retrieval.METHODS}, got "
                      f"{opts['retrieval_method']!r}")
+  if opts["scann_init"] not in retrieval.SCANN_INITS:
+    raise ValueError(f"semantic.scann_init must be one of {retrieval.SCANN_INITS}, got "
+                     f"{opts['scann_init']!r}")
   for key in ("scann_num_leaves", "scann_num_leaves_to_search", "scann_reorder"):
     if isinstance(opts[key], bool) or int(opts[key]) < 0:
       raise ValueError(f"semantic.{key} must be an integer >= 0 (0 = default), got {opts[key]!r}")
@@ -214,6 +221,10 @@ def fingerprint(split: Any, opts: Mapping[str, Any]) -> Tuple[str, Dict[str, Any
   for key in ("scann_num_leaves", "scann_num_leaves_to_search", "scann_reorder"):
     if int(opts[key]):  # only when set, so that tables built before these keys stay valid
       settings[key] = int(opts[key])
+  # Only when "random", for the same reason: tables built before the key (random init) keep
+  # loading under the kmeans++ default as the draw they are; their retrieval stats have no "init".
+  if opts["scann_init"] != "kmeans++":
+    settings["scann_init"] = opts["scann_init"]
   settings["text_fields"] = list(settings["text_fields"])
   settings["item_embeddings_npy"] = _file_identity(opts["item_embeddings_npy"])
   settings["prefix_embeddings_npy"] = _file_identity(opts["prefix_embeddings_npy"])
@@ -755,7 +766,7 @@ def build_semantic_tables(split: Any, cfg: Any, out_dir: str, *,
   nn_kw = dict(exclude_self=True, method=opts["retrieval_method"], progress=progress,
                num_leaves=int(opts["scann_num_leaves"]) or None,
                num_leaves_to_search=int(opts["scann_num_leaves_to_search"]) or None,
-               reorder=int(opts["scann_reorder"]) or None)
+               reorder=int(opts["scann_reorder"]) or None, scann_init=opts["scann_init"])
   db = item_embeddings[1:]
   idx, _, item_nn_stats = retrieval.cached_neighbours(cache_dir, db, db, k, **nn_kw)
   item_neighbours = np.zeros((ds.n_items + 1, k), np.int32)

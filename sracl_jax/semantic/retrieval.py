@@ -19,9 +19,13 @@ rows are sorted by descending score, `scores` are cosine similarities (or dot pr
 Pitfalls handled here:
   * ScaNN pads a row whose searched leaves hold fewer than k points with index 0 and NaN
     distances; such rows are recomputed exactly (`stats["fallback_rows"]`).
-  * ScaNN's tree training is not bit-reproducible between builds (even with fixed seeds): two
-    builds on the same data can differ in a few neighbours.  The cache makes a pipeline
-    reproducible; the exact path is deterministic (ties broken by the lower index).
+  * ScaNN's k-means tree with its own default, random centre initialisation, is not
+    bit-reproducible between builds (even with a fixed `clustering_seed`): two builds of one
+    131k-prefix table differed in 27% of rows.  Its k-means++ initialisation is deterministic
+    (the same neighbours on every build, with any number of training threads), so that is our
+    default (`scann_init="kmeans++"`); `scann_init="random"` is ScaNN's own default, the one every
+    table built before this option used.  The exact path is deterministic too (ties broken by
+    the lower index).
   * Self-exclusion drops the query's own index wherever it appears in the k+1 results (duplicate
     vectors tie with it and may rank first), else the last result.
 """
@@ -43,13 +47,14 @@ from absl import logging
 
 METRICS = ("cosine", "dot")
 METHODS = ("auto", "exact", "scann")
+SCANN_INITS = ("kmeans++", "random")  # ScaNN tree centre initialisation (see the module doc)
 _CACHE_VERSION = 1
 _CHECK_ROWS = 65536  # rows per block when checking finiteness / normalising
 
 # Keyword arguments of `nearest_neighbours` that `cached_neighbours` accepts; those that change the
 # result enter the cache key (after resolution), the rest only change speed or verbosity.
 _KEY_KWARGS = ("exclude_self", "metric", "method", "brute_force_below", "num_leaves",
-               "num_leaves_to_search", "reorder", "recall_sample", "seed")
+               "num_leaves_to_search", "reorder", "scann_init", "recall_sample", "seed")
 _OTHER_KWARGS = ("batch_size", "block_bytes", "progress", "searcher_dir")
 
 
@@ -92,7 +97,7 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
 SCANN_MIN_ROWS = 64  # below this ScaNN cannot train its hashing; and exact search is instant
 
 def _check_args(q: np.ndarray, db: np.ndarray, k: int, exclude_self: bool, metric: str,
-                method: str) -> None:
+                method: str, scann_init: str = "kmeans++") -> None:
   if q.shape[1] != db.shape[1]:
     raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, "
                      f"database has dim {db.shape[1]}")
@@ -108,6 +113,8 @@ def _check_args(q: np.ndarray, db: np.ndarray, k: int, exclude_self: bool, metri
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if scann_init not in SCANN_INITS:
+    raise ValueError(f"scann_init must be one of {SCANN_INITS}, got {scann_init!r}")
   if method == "scann" and n < SCANN_MIN_ROWS:
     raise ValueError(f"method='scann' needs at least {SCANN_MIN_ROWS} database rows (its "
                      f"asymmetric hashing trains 16 centres per block), got {n}: use 'exact' "
@@ -129,18 +136,18 @@ def _normalised(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _prepare(queries: Any, database: Any, k: int, exclude_self: bool, metric: str,
-             method: str) -> Tuple[np.ndarray, np.ndarray]:
+             method: str, scann_init: str = "kmeans++") -> Tuple[np.ndarray, np.ndarray]:
   """Validated float32 (queries, database); the same array twice when `queries is database`."""
   same = queries is database
   q = _as_matrix(queries, "queries")
   db = q if same else _as_matrix(database, "database")
-  _check_args(q, db, k, exclude_self, metric, method)
+  _check_args(q, db, k, exclude_self, metric, method, scann_init)
   return q, db
 
 
 def _resolve(n: int, k: int, exclude_self: bool, method: str, brute_force_below: int,
              num_leaves: Optional[int], num_leaves_to_search: Optional[int],
-             reorder: Optional[int]) -> Dict[str, Any]:
+             reorder: Optional[int], scann_init: str = "kmeans++") -> Dict[str, Any]:
   """The concrete back end and its parameters for a database of n rows."""
   if method == "auto":
     method = "exact" if n < brute_force_below else "scann"
@@ -152,7 +159,8 @@ def _resolve(n: int, k: int, exclude_self: bool, method: str, brute_force_below:
     to_search = (int(num_leaves_to_search) if num_leaves_to_search
                  else max(1, int(round(leaves / 10))))
     out.update(num_leaves=leaves, num_leaves_to_search=max(1, min(to_search, leaves)),
-               reorder=max(int(reorder) if reorder else 10 * k_search, k_search))
+               reorder=max(int(reorder) if reorder else 10 * k_search, k_search),
+               init=scann_init)
   return out
 
 
@@ -204,7 +212,8 @@ def _build_scann(db: np.ndarray, k_search: int, params: Dict[str, Any],
   searcher = (
       scann.scann_ops_pybind.builder(db, k_search, "dot_product")
       .tree(num_leaves=leaves, num_leaves_to_search=params["num_leaves_to_search"],
-            training_sample_size=min(n, max(100_000, 64 * leaves)))
+            training_sample_size=min(n, max(100_000, 64 * leaves)),
+            random_init=params["init"] == "random")
       .score_ah(2, anisotropic_quantization_threshold=0.2)
       .reorder(params["reorder"])
       .build())
@@ -267,7 +276,8 @@ def nearest_neighbours(queries: Any, database: Any, k: int, *, exclude_self: boo
                        metric: str = "cosine", method: str = "auto",
                        brute_force_below: int = 20000, num_leaves: Optional[int] = None,
                        num_leaves_to_search: Optional[int] = None, reorder: Optional[int] = None,
-                       recall_sample: int = 1000, seed: int = 0, batch_size: int = 8192,
+                       scann_init: str = "kmeans++", recall_sample: int = 1000, seed: int = 0,
+                       batch_size: int = 8192,
                        block_bytes: int = 256 << 20, progress: bool = True,
                        searcher_dir: Optional[str] = None
                        ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -288,6 +298,8 @@ def nearest_neighbours(queries: Any, database: Any, k: int, *, exclude_self: boo
     num_leaves: ScaNN tree leaves; default round(sqrt(n)).
     num_leaves_to_search: leaves searched per query; default round(num_leaves / 10).
     reorder: candidates rescored exactly; default 10 * (k + exclude_self).
+    scann_init: ScaNN tree centre initialisation: "kmeans++" (deterministic: every build gives
+      the same neighbours) or "random" (ScaNN's own default; builds differ).
     recall_sample: queries sampled to measure the ScaNN recall@k against exact search (0: skip).
     seed: seed of that sample.
     batch_size: queries per ScaNN `search_batched_parallel` call (one progress-bar step).
@@ -308,17 +320,19 @@ def nearest_neighbours(queries: Any, database: Any, k: int, *, exclude_self: boo
     ValueError: empty or non-2-D inputs, dimension mismatch, non-finite values, k >= n, an
       unknown metric or method, or exclude_self with Q != n.
   """
-  q, db = _prepare(queries, database, k, exclude_self, metric, method)
+  q, db = _prepare(queries, database, k, exclude_self, metric, method, scann_init)
   return _search(q, db, int(k), exclude_self=exclude_self, metric=metric, method=method,
                  brute_force_below=brute_force_below, num_leaves=num_leaves,
                  num_leaves_to_search=num_leaves_to_search, reorder=reorder,
+                 scann_init=scann_init,
                  recall_sample=recall_sample, seed=seed, batch_size=batch_size,
                  block_bytes=block_bytes, progress=progress, searcher_dir=searcher_dir)
 
 
 def _search(q: np.ndarray, db: np.ndarray, k: int, *, exclude_self: bool, metric: str,
             method: str, brute_force_below: int, num_leaves: Optional[int],
-            num_leaves_to_search: Optional[int], reorder: Optional[int], recall_sample: int,
+            num_leaves_to_search: Optional[int], reorder: Optional[int], scann_init: str,
+            recall_sample: int,
             seed: int, batch_size: int, block_bytes: int, progress: bool,
             searcher_dir: Optional[str]) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
   """`nearest_neighbours` on validated float32 arrays."""
@@ -330,7 +344,7 @@ def _search(q: np.ndarray, db: np.ndarray, k: int, *, exclude_self: bool, metric
   n, num_q = db.shape[0], q.shape[0]
   k_search = k + int(exclude_self)
   params = _resolve(n, k, exclude_self, method, brute_force_below, num_leaves,
-                    num_leaves_to_search, reorder)
+                    num_leaves_to_search, reorder, scann_init)
   stats: Dict[str, Any] = dict(params, num_queries=num_q, num_database=n, dim=int(db.shape[1]),
                                k=k, metric=metric, exclude_self=bool(exclude_self))
   self_ids = np.arange(num_q)
@@ -396,7 +410,7 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
 
   The key hashes the float32 bytes and shapes of `queries` and `database`, k, and the resolved
   parameters that change the result (exclude_self, metric, back end, and for ScaNN num_leaves,
-  num_leaves_to_search, reorder, recall_sample, seed).  An entry is a directory
+  num_leaves_to_search, reorder, init, recall_sample, seed).  An entry is a directory
   `<cache_dir>/nn-<key>/` with `indices.npy`, `scores.npy` and `stats.json`, written to a
   temporary directory and renamed, so a killed run never leaves a partial entry.
 
@@ -418,14 +432,15 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
   if unknown:
     raise TypeError(f"cached_neighbours got unexpected keyword arguments {unknown}")
   defaults = dict(exclude_self=False, metric="cosine", method="auto", brute_force_below=20000,
-                  num_leaves=None, num_leaves_to_search=None, reorder=None, recall_sample=1000,
-                  seed=0)
+                  num_leaves=None, num_leaves_to_search=None, reorder=None,
+                  scann_init="kmeans++", recall_sample=1000, seed=0)
   opts = dict(defaults, **{key: kw[key] for key in _KEY_KWARGS if key in kw})
-  q, db = _prepare(queries, database, k, opts["exclude_self"], opts["metric"], opts["method"])
+  q, db = _prepare(queries, database, k, opts["exclude_self"], opts["metric"], opts["method"],
+                   opts["scann_init"])
   k = int(k)
   resolved = _resolve(db.shape[0], k, opts["exclude_self"], opts["method"],
                       opts["brute_force_below"], opts["num_leaves"], opts["num_leaves_to_search"],
-                      opts["reorder"])
+                      opts["reorder"], opts["scann_init"])
   key_params = dict(resolved, version=_CACHE_VERSION, k=k, exclude_self=bool(opts["exclude_self"]),
                     metric=opts["metric"])
   if resolved["method"] == "scann":
@@ -456,7 +471,8 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
   if reuse_searcher and resolved["method"] == "scann" and "searcher_dir" not in kw:
     searcher_key = _digest(db_digest, dict(
         num_leaves=resolved["num_leaves"], num_leaves_to_search=resolved["num_leaves_to_search"],
-        reorder=resolved["reorder"], metric=opts["metric"], version=_CACHE_VERSION,
+        reorder=resolved["reorder"], init=resolved["init"], metric=opts["metric"],
+        version=_CACHE_VERSION,
         scann=_scann_version()))
     run_kw["searcher_dir"] = os.path.join(cache_dir, f"scann-{searcher_key}")
   run_kw.update(opts)
