@@ -3,6 +3,7 @@ bit for bit; other data is refused."""
 
 import importlib.util
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -81,3 +82,18 @@ def test_slim_tables_restore_bit_for_bit(tmp_path, monkeypatch, mode):
   manifest.write_text(manifest.read_text().replace(entry["sha256"], "0" * 64))
   with pytest.raises(ValueError, match="SHA-256 mismatch"):
     kit.restore(str(tmp_path / "slim"), split, cfg)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/cpu/campaign.sh", "benchmarks/device/run_jobs.sh",
+                                    "benchmarks/device/make_kit.sh"])
+def test_long_running_scripts_are_parsed_whole_before_they_run(script):
+  # bash reads a script as it runs it: an edit or a checkout of the file mid-run (the CPU campaign
+  # runs for days) shifts what it reads next (session 13: a syntax error ended the campaign). One
+  # { ... } block ending in exit is parsed whole first, so the run keeps the text it started with.
+  path = os.path.join(ROOT, script)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  body = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+  assert body[0] == "{", f"{script}: the first command must open the block, got {body[0]!r}"
+  assert body[-2:] == ["exit", "}"], f"{script}: must end with 'exit' and '}}', got {body[-2:]}"
+  subprocess.run(["bash", "-n", path], check=True)

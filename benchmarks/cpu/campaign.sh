@@ -15,6 +15,9 @@
 # restored into $CPU_RUNS/kit, so that .kit stays slim enough to travel to a lent GPU.
 # Each job's tables and its runs' small files (no checkpoints) are archived in
 # benchmarks/results/runs/cpu/<job> when its sweep ends, ready to commit.
+# The whole script is one { ... } block that ends in exit: bash parses it before running any of
+# it, so editing or checking out this file while a long run is in it cannot derail that run.
+{
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${CPU_RUNS:-/work/runs}"
@@ -98,3 +101,5 @@ for job in "${@:-${DEFAULT_JOBS[@]}}"; do
   n_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
   echo "$(date -u +%FT%TZ) $job: $n_runs runs finished"
 done
+exit
+}

@@ -11,6 +11,9 @@
 #   bash benchmarks/device/make_kit.sh toys       # one dataset
 # Semantic stages run through launch/embed.py into $KIT_RUNS/<dataset>_<mode> (default ~/runs/kit):
 # a second build reuses them.
+# The whole script is one { ... } block that ends in exit: bash parses it before running any of
+# it, so editing or checking out this file while a long run is in it cannot derail that run.
+{
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -81,3 +84,5 @@ PY
   esac
 done
 du -sh .whl .kit/* | sed 's/^/kit: /'
+exit
+}

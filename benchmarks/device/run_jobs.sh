@@ -22,6 +22,9 @@
 # place, so that .kit stays small enough to travel (the CPU campaign sets it).
 # ARCHIVE_DIR=D also copies each job's tables and its runs' small files (results, configs,
 # metrics, compressed per-user ranks; no checkpoints) into D/<job> (launch/sweep.py --archive).
+# The whole script is one { ... } block that ends in exit: bash parses it before running any of
+# it, so editing or checking out this file while a long run is in it cannot derail that run.
+{
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -126,3 +129,5 @@ done | tee "$OUT/summary.txt"
   */*/eval_ranks.npz \
   2>/dev/null)
 echo "packed $(du -h "$OUT/results.tgz" | cut -f1) after $(( $(date +%s) - T0 )) s"
+exit
+}
