@@ -18,6 +18,9 @@ sweep_curves.png draws every started run's validation curve, runs still training
 (the sweep files and each started run's results.json, config.json, metrics.jsonl and compressed
 eval_ranks.npz; no checkpoints): a few hundred KB per run, small enough to commit, and
 `--tabulate_only --workdir DIR` or launch/compare_runs.py on DIR redo every figure from it.
+`--restore_finished_from DIR` (such an archive) first copies back each run that DIR holds as
+finished and the workdir lacks, so a sweep relaunched on a new machine skips the runs already done
+instead of training them again.
 A run that stops early (SIGTERM: checkpointed, no results.json), or one killed by a signal, stops
 the sweep; the same command resumes it. SIGTERM/SIGINT to the sweep reaches the run in flight as
 SIGTERM.
@@ -40,6 +43,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +83,10 @@ _TABULATE = flags.DEFINE_bool("tabulate_only", False,
 _ARCHIVE = flags.DEFINE_string(
     "archive", None, "After tabulating, copy the sweep's tables and each started run's small "
     "files (results, config, metrics, compressed per-user ranks; no checkpoints) here.")
+_RESTORE = flags.DEFINE_string(
+    "restore_finished_from", None, "An --archive folder of this sweep: before running, copy each "
+    "run it holds as finished (results.json) into the workdir where the workdir lacks it, so the "
+    "sweep skips it (a relaunch on a new machine); a local run with checkpoints is left alone.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 ARCHIVED_RUN_FILES = ("results.json", "config.json", "metrics.jsonl")
@@ -496,6 +504,36 @@ def archive(workdir: str, sweep, dst: str) -> List[str]:
   return done
 
 
+def restore_finished(archive_dir: str, workdir: str, sweep) -> List[str]:
+  """Copies each run that `archive_dir` (from `archive`) holds as finished into `workdir`.
+
+  Only where `workdir` has neither that run's results nor checkpoints of it: a run that trained
+  here is never overwritten. What is copied is what `archive` keeps (results, config, metrics,
+  per-user ranks), which is all the sweep's skip check and tables read. A missing `archive_dir`
+  restores nothing. Returns the names of the runs restored.
+  """
+  from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
+  restored = []
+  for overrides in sweep:
+    name = run_name(overrides)
+    src, dst = os.path.join(archive_dir, name), os.path.join(workdir, name)
+    if not os.path.exists(os.path.join(src, ARCHIVED_RUN_FILES[0])):
+      continue
+    if os.path.exists(os.path.join(dst, ARCHIVED_RUN_FILES[0])):
+      continue
+    if os.path.isdir(os.path.join(dst, "checkpoints")):
+      print(f"{name}: finished in {archive_dir}, but {dst} has checkpoints of its own; left "
+            "alone (it resumes here)", flush=True)
+      continue
+    os.makedirs(dst, exist_ok=True)
+    # results.json last: a copy killed half-way leaves a run that is not taken as finished.
+    for f in [*ARCHIVED_RUN_FILES[1:], paired.RANKS_FILE, ARCHIVED_RUN_FILES[0]]:
+      if os.path.exists(os.path.join(src, f)):
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+    restored.append(name)
+  return restored
+
+
 def _describe(how: str, returncode: int) -> str:
   """A run's `_outcome` in words, as the sweep prints it after the run's name."""
   return {"finished": "finished", "killed": f"killed by signal {-returncode}",
@@ -648,6 +686,12 @@ def main(argv):
         continue
       print(" ".join(shlex.quote(c) for c in cmd))
     return
+  if _RESTORE.value and not _TABULATE.value:
+    restored = restore_finished(os.path.abspath(os.path.expanduser(_RESTORE.value)), workdir,
+                                sweep)
+    if restored:
+      print(f"restored {len(restored)} finished runs from {_RESTORE.value}: "
+            f"{', '.join(restored)}", flush=True)
   if _PARALLEL.value < 1:
     raise app.UsageError(f"--parallel={_PARALLEL.value} must be >= 1")
   if _PARALLEL.value > 1 and mode != "train":

@@ -412,3 +412,18 @@ def test_archive_keeps_what_reproduces_the_tables_and_no_checkpoints(tmp_path):
           < os.path.getsize(work / "seed=1" / paired.RANKS_FILE))  # compressed
   with pytest.raises(ValueError, match="own workdir"):
     sweep_lib.archive(str(work), plan, str(work))
+
+  # A new machine: the archive's finished runs come back, so the sweep skips them; the unfinished
+  # one does not, and a run with checkpoints of its own here is left alone.
+  fresh = tmp_path / "fresh"
+  (fresh / "seed=2" / "checkpoints" / "5").mkdir(parents=True)
+  assert sweep_lib.restore_finished(str(dst), str(fresh), plan) == ["seed=1"]
+  assert not (fresh / "seed=2" / "results.json").exists()
+  assert not (fresh / "alpha=0.0_seed=1").exists()
+  assert (sweep_lib.collect(str(fresh), plan[:1], metrics_names)
+          == sweep_lib.collect(str(work), plan[:1], metrics_names))
+  a, b = paired.load_ranks(str(work / "seed=1"), "test"), paired.load_ranks(str(fresh / "seed=1"),
+                                                                           "test")
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert sweep_lib.restore_finished(str(dst), str(fresh), plan) == []  # already there
+  assert sweep_lib.restore_finished(str(tmp_path / "no_archive"), str(fresh), plan) == []

@@ -21,7 +21,9 @@
 # SEM_ROOT=D restores each slim kit's tables into D/<dataset>/sem_<mode> (a copy) instead of in
 # place, so that .kit stays small enough to travel (the CPU campaign sets it).
 # ARCHIVE_DIR=D also copies each job's tables and its runs' small files (results, configs,
-# metrics, compressed per-user ranks; no checkpoints) into D/<job> (launch/sweep.py --archive).
+# metrics, compressed per-user ranks; no checkpoints) into D/<job> (launch/sweep.py --archive),
+# and first restores the runs D/<job> holds as finished (--restore_finished_from), so a sweep
+# relaunched on a new machine does not train them again.
 # The whole script is one { ... } block that ends in exit: bash parses it before running any of
 # it, so editing or checking out this file while a long run is in it cannot derail that run.
 {
@@ -101,6 +103,8 @@ run_job() {
     fi
   fi
   args+=(--override=--config.sracl.semantic_dir="$sem")
+  # Runs the committed archive holds as finished are copied back first (a new machine skips them).
+  [ -n "${ARCHIVE_DIR:-}" ] && args+=(--restore_finished_from="$ARCHIVE_DIR/$job")
   [ -n "${only:-}" ] && args+=("$only")
   for x in ${SWEEP_EXTRA:-}; do args+=(--override="$x"); done
   echo "$job: python launch/sweep.py ${args[*]}" >> "$OUT/commands.txt"
