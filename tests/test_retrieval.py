@@ -1,6 +1,7 @@
 """Tests of sracl_jax.semantic.retrieval: exact and ScaNN top-k, self-exclusion, the disk cache."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -259,3 +260,20 @@ def test_cache_reuses_scann_searcher(tmp_path):
   assert stats2["recall_at_k"] >= 0.9
   ref_idx, _ = _reference(x[100:300], x, 5)
   assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx2, ref_idx)]) >= 0.9
+
+
+@needs_scann
+def test_scann_init_benchmark_script(tmp_path):
+  # benchmarks/scann_init_ab.py (BENCHMARKS §6) end to end on a small clustered table.
+  np.save(tmp_path / "emb.npy", _clustered(3000, 16, 30, 1.5, seed=4))
+  out = tmp_path / "ab.json"
+  subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                               "benchmarks", "scann_init_ab.py"),
+                  f"--embeddings={tmp_path / 'emb.npy'}", "--recall_sample=200", f"--out={out}"],
+                 check=True, capture_output=True)
+  summary = json.loads(out.read_text())
+  assert summary["rows"] == 3000 and set(summary["inits"]) == {"kmeans++", "random"}
+  kpp = summary["inits"]["kmeans++"]
+  assert kpp["rows_differing_between_builds"] == 0
+  assert kpp["recall_at_k"][0] == kpp["recall_at_k"][1]
+  assert all(0 < r <= 1 for s in summary["inits"].values() for r in s["recall_at_k"])
