@@ -43,7 +43,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -475,15 +474,10 @@ def archive(workdir: str, sweep, dst: str) -> List[str]:
   if os.path.abspath(dst) == os.path.abspath(workdir):
     raise ValueError(f"--archive={dst} is the sweep's own workdir")
 
-  def copy(src, out):
-    with open(src, "rb") as f:
-      data = f.read()
-    fileio.atomic_write(out, lambda g: g.write(data), mode="wb")
-
   os.makedirs(dst, exist_ok=True)
   for name in sorted(os.listdir(workdir)):
     if name.startswith("sweep") and os.path.isfile(os.path.join(workdir, name)):
-      copy(os.path.join(workdir, name), os.path.join(dst, name))
+      fileio.atomic_copy(os.path.join(workdir, name), os.path.join(dst, name))
   done = []
   for overrides in sweep:
     name = run_name(overrides)
@@ -493,7 +487,7 @@ def archive(workdir: str, sweep, dst: str) -> List[str]:
       continue
     os.makedirs(os.path.join(dst, name), exist_ok=True)
     for f in present:
-      copy(os.path.join(src, f), os.path.join(dst, name, f))
+      fileio.atomic_copy(os.path.join(src, f), os.path.join(dst, name, f))
     ranks = os.path.join(src, paired.RANKS_FILE)
     if os.path.exists(ranks):
       with np.load(ranks) as z:
@@ -512,6 +506,7 @@ def restore_finished(archive_dir: str, workdir: str, sweep) -> List[str]:
   per-user ranks), which is all the sweep's skip check and tables read. A missing `archive_dir`
   restores nothing. Returns the names of the runs restored.
   """
+  from seqrec_jax import fileio  # pylint: disable=g-import-not-at-top
   from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
   restored = []
   for overrides in sweep:
@@ -529,7 +524,7 @@ def restore_finished(archive_dir: str, workdir: str, sweep) -> List[str]:
     # results.json last: a copy killed half-way leaves a run that is not taken as finished.
     for f in [*ARCHIVED_RUN_FILES[1:], paired.RANKS_FILE, ARCHIVED_RUN_FILES[0]]:
       if os.path.exists(os.path.join(src, f)):
-        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+        fileio.atomic_copy(os.path.join(src, f), os.path.join(dst, f))
     restored.append(name)
   return restored
 

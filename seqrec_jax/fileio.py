@@ -34,3 +34,10 @@ def atomic_write(path: str, write: Callable[[IO], None], mode: str = "wb") -> No
     except OSError:
       pass
     raise
+
+
+def atomic_copy(src: str, dst: str) -> None:
+  """Copies file `src` to `dst` as `atomic_write` writes: `dst` is either old or complete."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  with open(src, "rb") as f:
+    atomic_write(dst, lambda g: shutil.copyfileobj(f, g, 1 << 20), mode="wb")

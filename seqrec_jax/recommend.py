@@ -66,6 +66,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from seqrec_jax import ann
 from seqrec_jax import checkpointing
 from seqrec_jax import fileio
 from seqrec_jax import large_catalog
@@ -1189,26 +1190,22 @@ def _index_params(n: int, k: int, tree_min_items: int, num_leaves: int, leaves_t
           "anisotropic_quantization_threshold": 0.2,
           "training_sample_size": min(n, 100_000),
           # k-means++ centres: a rebuild gives the same index (ScaNN's random init does not).
-          "tree_init": "kmeans++"}
+          "tree_init": ann.DEFAULT_TREE_INIT}
 
 
 def build_scann(items: np.ndarray, k: int, params: Dict[str, Any]):
   """Builds a dot-product ScaNN searcher over `items` [n, D] as `params` (from _index_params)."""
-  import scann  # pylint: disable=g-import-not-at-top
-  builder = scann.scann_ops_pybind.builder(np.ascontiguousarray(items, np.float32), k,
-                                           "dot_product")
   if params["type"] == "brute_force":
-    return builder.score_brute_force().build()
-  return (builder.tree(num_leaves=params["num_leaves"],
-                       num_leaves_to_search=params["num_leaves_to_search"],
-                       training_sample_size=params["training_sample_size"],
-                       # params written before "tree_init" existed were built with random init
-                       random_init=params.get("tree_init", "random") == "random")
-          .score_ah(params["dims_per_block"],
-                    anisotropic_quantization_threshold=params[
-                        "anisotropic_quantization_threshold"])
-          .reorder(params["reorder"])
-          .build())
+    scann = ann.import_scann()
+    return (scann.scann_ops_pybind.builder(np.ascontiguousarray(items, np.float32), k,
+                                           "dot_product").score_brute_force().build())
+  return ann.tree_ah_searcher(
+      items, k, num_leaves=params["num_leaves"],
+      num_leaves_to_search=params["num_leaves_to_search"],
+      training_sample_size=params["training_sample_size"], reorder=params["reorder"],
+      # params written before "tree_init" existed were built with random init
+      init=params.get("tree_init", "random"), dims_per_block=params["dims_per_block"],
+      anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"])
 
 
 def exact_topk(queries: np.ndarray, items: np.ndarray, k: int,
@@ -1218,11 +1215,7 @@ def exact_topk(queries: np.ndarray, items: np.ndarray, k: int,
   rows = max(1, block_bytes // (16 * n))
   out = np.empty((queries.shape[0], k), np.int64)
   for lo in range(0, queries.shape[0], rows):
-    s = queries[lo:lo + rows] @ items.T  # [b, n]
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]  # [b, k] unordered
-    top_s = np.take_along_axis(s, top, axis=1)
-    order = np.lexsort((top, -top_s), axis=1)
-    out[lo:lo + rows] = np.take_along_axis(top, order, axis=1)
+    out[lo:lo + rows] = ann.topk_rows(queries[lo:lo + rows] @ items.T, k)[0]
   return out
 
 
@@ -1243,7 +1236,7 @@ def scann_recall(searcher, items: np.ndarray, queries: np.ndarray, k: int) -> Tu
 
 def load_export(out_dir: str):
   """(ScaNN searcher, item ids by row, export.json) of an export folder, for serving."""
-  import scann  # pylint: disable=g-import-not-at-top
+  scann = ann.import_scann()
   with open(os.path.join(out_dir, EXPORT_MANIFEST), encoding="utf-8") as f:
     manifest = json.load(f)
   with open(os.path.join(out_dir, "item_ids.json"), encoding="utf-8") as f:

@@ -111,3 +111,18 @@ def test_atomic_write_replaces_whole_files_with_plain_permissions(tmp_path):
   with pytest.raises(RuntimeError, match="disk full"):
     fileio.atomic_write(path, fail, mode="w")
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["results.json"]  # no temp left
+
+
+def test_atomic_copy_copies_bytes_and_leaves_no_temp_on_a_missing_source(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import fileio  # pylint: disable=g-import-not-at-top
+  src, dst = tmp_path / "a.bin", tmp_path / "out" / "b.bin"
+  dst.parent.mkdir()
+  data = os.urandom(3 << 20)  # more than one 1 MiB chunk
+  src.write_bytes(data)
+  fileio.atomic_copy(str(src), str(dst))
+  assert dst.read_bytes() == data
+  dst.write_bytes(b"old")
+  with pytest.raises(FileNotFoundError):
+    fileio.atomic_copy(str(tmp_path / "missing"), str(dst))
+  assert dst.read_bytes() == b"old" and os.listdir(dst.parent) == ["b.bin"]

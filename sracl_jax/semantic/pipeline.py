@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 
+from seqrec_jax import ann
 from seqrec_jax import fileio
 import ml_collections
 import numpy as np
@@ -118,7 +119,7 @@ def default_semantic_config() -> ml_collections.ConfigDict:
   # ScaNN tree centre initialisation: kmeans++ (deterministic: a rebuild on any machine gives the
   # same neighbours) | random (ScaNN's own default, used by every table built before this key:
   # two builds differ in a quarter of the prefix rows; such tables keep loading under kmeans++)
-  c.scann_init = "kmeans++"
+  c.scann_init = ann.DEFAULT_TREE_INIT
   c.cache_dir = ""  # kNN cache; "" = <out_dir>/cache
   return c
 
@@ -223,6 +224,7 @@ def fingerprint(split: Any, opts: Mapping[str, Any]) -> Tuple[str, Dict[str, Any
       settings[key] = int(opts[key])
   # Only when "random", for the same reason: tables built before the key (random init) keep
   # loading under the kmeans++ default as the draw they are; their retrieval stats have no "init".
+  # A literal, not ann.DEFAULT_TREE_INIT: fingerprints must not move if the default ever does.
   if opts["scann_init"] != "kmeans++":
     settings["scann_init"] = opts["scann_init"]
   settings["text_fields"] = list(settings["text_fields"])

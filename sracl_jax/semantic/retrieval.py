@@ -45,9 +45,11 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from seqrec_jax import ann
+
 METRICS = ("cosine", "dot")
 METHODS = ("auto", "exact", "scann")
-SCANN_INITS = ("kmeans++", "random")  # ScaNN tree centre initialisation (see the module doc)
+SCANN_INITS = ann.TREE_INITS  # ScaNN tree centre initialisation (see the module doc)
 _CACHE_VERSION = 1
 _CHECK_ROWS = 65536  # rows per block when checking finiteness / normalising
 
@@ -56,15 +58,6 @@ _CHECK_ROWS = 65536  # rows per block when checking finiteness / normalising
 _KEY_KWARGS = ("exclude_self", "metric", "method", "brute_force_below", "num_leaves",
                "num_leaves_to_search", "reorder", "scann_init", "recall_sample", "seed")
 _OTHER_KWARGS = ("batch_size", "block_bytes", "progress", "searcher_dir")
-
-
-def _import_scann():
-  try:
-    import scann  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("the ScaNN back end needs the `scann` package (pip install scann==1.4.2; "
-                      "TensorFlow is not required)") from e
-  return scann
 
 
 def _scann_version() -> str:
@@ -97,7 +90,7 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
 SCANN_MIN_ROWS = 64  # below this ScaNN cannot train its hashing; and exact search is instant
 
 def _check_args(q: np.ndarray, db: np.ndarray, k: int, exclude_self: bool, metric: str,
-                method: str, scann_init: str = "kmeans++") -> None:
+                method: str, scann_init: str = ann.DEFAULT_TREE_INIT) -> None:
   if q.shape[1] != db.shape[1]:
     raise ValueError(f"dimension mismatch: queries have dim {q.shape[1]}, "
                      f"database has dim {db.shape[1]}")
@@ -135,8 +128,8 @@ def _normalised(x: np.ndarray, name: str) -> np.ndarray:
   return out
 
 
-def _prepare(queries: Any, database: Any, k: int, exclude_self: bool, metric: str,
-             method: str, scann_init: str = "kmeans++") -> Tuple[np.ndarray, np.ndarray]:
+def _prepare(queries: Any, database: Any, k: int, exclude_self: bool, metric: str, method: str,
+             scann_init: str = ann.DEFAULT_TREE_INIT) -> Tuple[np.ndarray, np.ndarray]:
   """Validated float32 (queries, database); the same array twice when `queries is database`."""
   same = queries is database
   q = _as_matrix(queries, "queries")
@@ -147,7 +140,7 @@ def _prepare(queries: Any, database: Any, k: int, exclude_self: bool, metric: st
 
 def _resolve(n: int, k: int, exclude_self: bool, method: str, brute_force_below: int,
              num_leaves: Optional[int], num_leaves_to_search: Optional[int],
-             reorder: Optional[int], scann_init: str = "kmeans++") -> Dict[str, Any]:
+             reorder: Optional[int], scann_init: str = ann.DEFAULT_TREE_INIT) -> Dict[str, Any]:
   """The concrete back end and its parameters for a database of n rows."""
   if method == "auto":
     method = "exact" if n < brute_force_below else "scann"
@@ -190,33 +183,23 @@ def _exact_search(q: np.ndarray, db: np.ndarray, k: int, *, block_bytes: int, pr
   indices = np.empty((q.shape[0], k), np.int32)
   scores = np.empty((q.shape[0], k), np.float32)
   for start, stop in _batches(q.shape[0], rows, progress, desc):
-    s = q[start:stop] @ db.T
-    top = np.argpartition(s, n - k, axis=1)[:, n - k:]  # kth = n - k is valid for any k <= n
-    top_s = np.take_along_axis(s, top, axis=1)
-    order = np.lexsort((top, -top_s), axis=1)
-    indices[start:stop] = np.take_along_axis(top, order, axis=1)
-    scores[start:stop] = np.take_along_axis(top_s, order, axis=1)
+    indices[start:stop], scores[start:stop] = ann.topk_rows(q[start:stop] @ db.T, k)
   return indices, scores
 
 
 def _build_scann(db: np.ndarray, k_search: int, params: Dict[str, Any],
                  searcher_dir: Optional[str]):
   """Builds (or loads from `searcher_dir`) a tree + AH + reorder ScaNN searcher."""
-  scann = _import_scann()
+  scann = ann.import_scann()
   assets = os.path.join(searcher_dir, "scann_assets.pbtxt") if searcher_dir else None
   if assets and os.path.exists(assets):
     logging.info("loading the ScaNN searcher from %s", searcher_dir)
     return scann.scann_ops_pybind.load_searcher(searcher_dir), True
-  n = db.shape[0]
-  leaves = params["num_leaves"]
-  searcher = (
-      scann.scann_ops_pybind.builder(db, k_search, "dot_product")
-      .tree(num_leaves=leaves, num_leaves_to_search=params["num_leaves_to_search"],
-            training_sample_size=min(n, max(100_000, 64 * leaves)),
-            random_init=params["init"] == "random")
-      .score_ah(2, anisotropic_quantization_threshold=0.2)
-      .reorder(params["reorder"])
-      .build())
+  searcher = ann.tree_ah_searcher(
+      db, k_search, num_leaves=params["num_leaves"],
+      num_leaves_to_search=params["num_leaves_to_search"],
+      training_sample_size=max(100_000, 64 * params["num_leaves"]), reorder=params["reorder"],
+      init=params["init"])
   if searcher_dir:
     parent = os.path.dirname(os.path.abspath(searcher_dir))
     os.makedirs(parent, exist_ok=True)
@@ -276,8 +259,8 @@ def nearest_neighbours(queries: Any, database: Any, k: int, *, exclude_self: boo
                        metric: str = "cosine", method: str = "auto",
                        brute_force_below: int = 20000, num_leaves: Optional[int] = None,
                        num_leaves_to_search: Optional[int] = None, reorder: Optional[int] = None,
-                       scann_init: str = "kmeans++", recall_sample: int = 1000, seed: int = 0,
-                       batch_size: int = 8192,
+                       scann_init: str = ann.DEFAULT_TREE_INIT, recall_sample: int = 1000,
+                       seed: int = 0, batch_size: int = 8192,
                        block_bytes: int = 256 << 20, progress: bool = True,
                        searcher_dir: Optional[str] = None
                        ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -433,7 +416,7 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
     raise TypeError(f"cached_neighbours got unexpected keyword arguments {unknown}")
   defaults = dict(exclude_self=False, metric="cosine", method="auto", brute_force_below=20000,
                   num_leaves=None, num_leaves_to_search=None, reorder=None,
-                  scann_init="kmeans++", recall_sample=1000, seed=0)
+                  scann_init=ann.DEFAULT_TREE_INIT, recall_sample=1000, seed=0)
   opts = dict(defaults, **{key: kw[key] for key in _KEY_KWARGS if key in kw})
   q, db = _prepare(queries, database, k, opts["exclude_self"], opts["metric"], opts["method"],
                    opts["scann_init"])
