@@ -97,3 +97,26 @@ def test_long_running_scripts_are_parsed_whole_before_they_run(script):
   assert body[0] == "{", f"{script}: the first command must open the block, got {body[0]!r}"
   assert body[-2:] == ["exit", "}"], f"{script}: must end with 'exit' and '}}', got {body[-2:]}"
   subprocess.run(["bash", "-n", path], check=True)
+
+
+def test_campaign_status_times_epochs_by_training_seconds_not_file_times(tmp_path):
+  """A run stopped between sessions: its checkpoints' mtimes are hours apart, its recorded
+  training seconds are not; --status must estimate from the latter."""
+  import json  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "toys_compare" / "seed=2025"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(
+      {"train": {"early_stop_metric": "MRR@10", "patience": 10}}))
+  rows = [{"step": s, "split": "valid", "MRR@10": m} for s, m in [(400, 0.02), (800, 0.03)]]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  for step, seconds, mtime in [(400, 1000.0, 1e9), (800, 1240.0, 1e9 + 36000)]:  # 10 h apart
+    meta = run / "checkpoints" / str(step) / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"train_seconds": seconds}))
+    os.utime(run / "checkpoints" / str(step), (mtime, mtime))
+  out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks/cpu/campaign.sh"), "--status",
+                        "toys_compare"], env=dict(os.environ, CPU_RUNS=str(tmp_path)),
+                       capture_output=True, text=True, check=True).stdout
+  assert "best valid MRR@10 0.03000 at step 800" in out, out
+  # 240 training seconds over 400 steps, one evaluation per 400 steps: 4.0 min, 10 more to go.
+  assert "4.0 min per evaluation; at least 10 more evaluations (~0.7 h)" in out, out

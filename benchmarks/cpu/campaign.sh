@@ -44,14 +44,23 @@ if valid:
   print(f"  in progress: {os.path.basename(sys.argv[1].rstrip('/'))}: {len(valid)} evaluations, "
         f"last step {valid[-1]['step']}, best valid {key} {best[key]:.5f} at step {best['step']}")
   # Early stopping needs `patience` evaluations without a gain; the latest two checkpoints
-  # (one per evaluation) give the time per step.
+  # (one per evaluation) give the time per step: their recorded training seconds, which leave
+  # out the time the run was stopped between sessions (their files' mtimes as a fallback).
   patience = json.load(open(os.path.join(sys.argv[1], "config.json")))["train"]["patience"]
   left = patience - sum(1 for r in valid if r["step"] > best["step"])
   ckpt = os.path.join(sys.argv[1], "checkpoints")
   steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
   if patience > 0 and len(steps) >= 2 and len(valid) >= 2:
-    per_step = ((os.path.getmtime(os.path.join(ckpt, str(steps[-1])))
-                 - os.path.getmtime(os.path.join(ckpt, str(steps[-2])))) / (steps[-1] - steps[-2]))
+    def seconds(step):
+      try:
+        with open(os.path.join(ckpt, str(step), "meta", "metadata")) as f:
+          return float(json.load(f)["train_seconds"])
+      except (OSError, ValueError, KeyError, TypeError):
+        return None
+    spent = [seconds(s) for s in steps[-2:]]
+    if None in spent:
+      spent = [os.path.getmtime(os.path.join(ckpt, str(s))) for s in steps[-2:]]
+    per_step = (spent[1] - spent[0]) / (steps[-1] - steps[-2])
     per_eval = per_step * (valid[-1]["step"] - valid[-2]["step"])
     print(f"    {per_eval / 60:.1f} min per evaluation; at least {left} more evaluations "
           f"(~{left * per_eval / 3600:.1f} h) before early stopping, more while it improves")
