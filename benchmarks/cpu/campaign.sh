@@ -4,8 +4,9 @@
 #   bash benchmarks/cpu/campaign.sh --status      finished runs per job and the run in progress
 #   bash benchmarks/cpu/campaign.sh --pause       SIGSTOP the running campaign and its runs (to
 #   bash benchmarks/cpu/campaign.sh --continue    free the CPU for a CI check), then SIGCONT
-# Default jobs, in order (cheapest complete table first, session 13): toys_compare beauty_gru4rec
-# beauty_missing beauty_bert4rec ml100k_compare beauty_faithful
+# Default jobs, in order (session 14: after Toys, the job the GPU plan leaves to a later draw, then
+# the cheapest complete table first): toys_compare beauty_bert4rec beauty_gru4rec beauty_missing
+# ml100k_compare beauty_faithful
 # (benchmarks/device/run_jobs.sh defines them: the same configs, kit and commands as on a GPU).
 # Runs live in $CPU_RUNS/<job> (default /work/runs), outside the checkout, and resume from their
 # last checkpoint when the same command is launched again; finished runs are skipped. A session
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${CPU_RUNS:-/work/runs}"
-DEFAULT_JOBS=(toys_compare beauty_gru4rec beauty_missing beauty_bert4rec ml100k_compare
+DEFAULT_JOBS=(toys_compare beauty_bert4rec beauty_gru4rec beauty_missing ml100k_compare
               beauty_faithful)
 mkdir -p "$RUNS"
 
