@@ -172,6 +172,8 @@ def benchmark_ours(config) -> dict:
       "xla_flops_per_train_step": xla_flops,
       "achieved_model_flops_per_second": flops_seq * batch_size / step_s,
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      # SRA-CL's length buckets (model FLOPs above count every pass at full width):
+      **(exp.task.bucket_summary(batch_size) if hasattr(exp.task, "bucket_summary") else {}),
   }
 
 

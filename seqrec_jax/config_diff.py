@@ -34,6 +34,7 @@ RESUME_FREE_KEYS = (
     "sracl.semantic.encoder",                         # a path: the tables check its contents
     "sracl.semantic.encode_batch_size", "sracl.semantic.llm_concurrency",
     "sracl.semantic.llm_api_key_env",
+    "sracl.length_buckets",                           # same function, other dropout draws
     "calrec.init_from", "calrec.pretrained", "calrec.tokenizer.path",
 )
 

@@ -56,12 +56,22 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], consts: Dict[str,
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-  def loss_fn(params):
-    loss_sum, weight_sum, extra = task.loss(params, batch, consts, rng)
-    return loss_sum / jnp.maximum(weight_sum, 1.0), (loss_sum, weight_sum, extra)
+  def value_and_grad(loss):
+    def loss_fn(params):
+      loss_sum, weight_sum, extra = loss(params, batch, consts, rng)
+      return loss_sum / jnp.maximum(weight_sum, 1.0), (loss_sum, weight_sum, extra)
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
-  (_, (loss_sum, weight_sum, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  # A task may offer equivalent formulations of its loss and pick one per batch (e.g. SRA-CL's
+  # length buckets, when the batch fits them): the choice is made outside the gradient, so only
+  # the chosen gradient runs and neither carries the other's residuals.
+  selected = task.select_loss(batch) if hasattr(task, "select_loss") else None
+  if selected is None:
+    (_, (loss_sum, weight_sum, extra)), grads = value_and_grad(task.loss)
+  else:
+    index, losses = selected
+    (_, (loss_sum, weight_sum, extra)), grads = jax.lax.switch(
+        index, [lambda loss=loss: value_and_grad(loss) for loss in losses])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -20,6 +20,7 @@ jax.random) and the losses.  The item-neighbour table is a device constant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Dict
 
@@ -29,6 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from seqrec_jax import buckets
 from seqrec_jax import tasks
 from seqrec_jax.data.batching import gather_windows
 from sracl_jax import augment
@@ -56,6 +58,12 @@ def default_sracl_config() -> ml_collections.ConfigDict:
   #     prefixes / items, drawn once from config.seed) | random_users | random_items (one table).
   c.synthesizer = "learned"
   c.neighbours = "semantic"
+  # The L_CS / L_IS encoder passes run as one call whose rows are sorted by the width their items
+  # need and encoded in at most this many static widths (`seqrec_jax.buckets`): the same
+  # function, fewer padding columns. 0 = off (one call per pass); -1 = auto: 4 where the
+  # backend is CPU and one device holds the batch, off elsewhere (on GPUs the step is
+  # launch-bound and more calls cost more).
+  c.length_buckets = -1
   c.semantic_dir = ""  # tables from launch/embed.py; "" = <workdir>/semantic (built if missing)
   c.semantic = default_semantic_config()
   return c
@@ -156,12 +164,64 @@ class SRACLTask:
     self.sem_dim = self._prefix_emb.shape[1]
     self.synthesizer = Synthesizer(features=self.hidden, dropout=cfg.synth_dropout,
                                    gain=cfg.synth_gain)
+    self._setup_buckets(config)
     self.train_fields = dict(tasks.BASE_TRAIN_FIELDS, user_sem=2, nbr_inputs=3, nbr_sem=3)
     self.consts = {"item_neighbours": item_nbrs}  # [n_items + 1, k_sem]
     self.consts_axes = {"item_neighbours": (None, None)}
     logging.info("SRA-CL: alpha=%g beta=%g k=%d synthesizer=%s neighbours=%s, %d prefix vectors "
                  "of dim %d from %s", cfg.alpha, cfg.beta, cfg.k, cfg.synthesizer, cfg.neighbours,
                  n_train, self.sem_dim, out_dir)
+
+  def _setup_buckets(self, config: ml_collections.ConfigDict) -> None:
+    """Resolves `sracl.length_buckets`; plans are made per batch size at trace time."""
+    n = self.cfg.length_buckets
+    if not isinstance(n, int) or n < -1:
+      raise ValueError(f"config.sracl.length_buckets={n!r}: expected -1 (auto), 0 (off) or a "
+                       "number of widths >= 1")
+    if n == -1:
+      n = 4 if (jax.default_backend() == "cpu" and jax.device_count() == 1) else 0
+    self.length_buckets = n
+    self._plans: Dict[int, buckets.Plan] = {}
+    self._plan_seed = int(config.seed)
+    self._slack = buckets.truncation_slack(self.model)
+    split = self._split
+    # Items in each training prefix's window (the host's view of the widths rows will need).
+    self._spans = np.minimum(
+        split.train_targets - self._user_start[split.train_users], self.max_len).astype(np.int64)
+    logging.info("SRA-CL: length buckets %s", f"up to {n} widths" if n else "off")
+
+  def bucket_plan(self, b: int) -> buckets.Plan:
+    """The static plan for a batch of b examples: rows are [prefix (L_CS), its k neighbours
+    (L_CS), two views (L_IS)] as present; capacities from 64 batches drawn like the loader's."""
+    if b not in self._plans:
+      rng = np.random.default_rng([self._plan_seed, 7])
+      n_train = len(self._spans)
+      samples = []
+      for _ in range(64):
+        ex = rng.choice(n_train, size=min(b, n_train), replace=False)
+        if len(ex) < b:
+          ex = np.concatenate([ex, rng.choice(n_train, size=b - len(ex))])
+        parts = []
+        if self.cfg.alpha:
+          parts += [self._spans[ex], self._spans[self._prefix_nbrs[ex]].ravel()]
+        if self.cfg.beta:
+          parts += [self._spans[ex], self._spans[ex]]
+        samples.append(buckets.required_widths_np(np.concatenate(parts), self.max_len,
+                                                  self._slack))
+      plan = buckets.make_plan(np.stack(samples), self.max_len, self.length_buckets)
+      logging.info("SRA-CL: length buckets for batch %d: %s", b, plan.describe())
+      self._plans[b] = plan
+    return self._plans[b]
+
+  def bucket_summary(self, b: int) -> Dict[str, Any]:
+    """For benchmarks: the length-bucket plan of a batch of b examples ({} when off). Model
+    FLOPs elsewhere count every pass at full width; the plan encodes `column_fraction` of those
+    columns."""
+    if not self._bucketed():
+      return {}
+    plan = self.bucket_plan(b)
+    return {"length_buckets": plan.describe(),
+            "length_bucket_column_fraction": plan.cost_fraction()}
 
   def host_batch(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Adds the neighbour prefixes' input windows and the frozen semantic vectors."""
@@ -206,8 +266,38 @@ class SRACLTask:
     encoder = dataclasses.replace(cfg, n_items=1).train_flops_per_sequence("last")
     return float(rec + self.encoder_passes() * encoder)
 
+  def _bucketed(self) -> bool:
+    return bool(self.length_buckets and (self.cfg.alpha or self.cfg.beta))
+
+  def _rows_need(self, batch) -> jax.Array:
+    """[rows] widths the contrastive passes' rows need, in `_loss`'s order. The views' own
+    needs are at most their input's (substitution never fills padding), so this bounds them."""
+    slack = self._slack
+    user = buckets.required_widths(batch["inputs"], slack)
+    parts = ([user, buckets.required_widths(
+        batch["nbr_inputs"].reshape(-1, batch["nbr_inputs"].shape[-1]), slack)]
+             if self.cfg.alpha else []) + ([user, user] if self.cfg.beta else [])
+    return jnp.concatenate(parts)
+
+  def select_loss(self, batch):
+    """For `train_state.train_step`: (0, bucketed loss) when the batch fits the length-bucket
+    plan, else (1, per-pass loss); None when buckets are off."""
+    if not self._bucketed():
+      return None
+    plan = self.bucket_plan(batch["inputs"].shape[0])
+    index = jnp.where(buckets.fits(self._rows_need(batch), plan), 0, 1)
+    return index, (functools.partial(self._loss, mode="bucketed"),
+                   functools.partial(self._loss, mode="passes"))
+
   def loss(self, params, batch, consts, rng):
-    """(weighted total loss sum, weight sum, component metrics); see the module docstring."""
+    """(weighted total loss sum, weight sum, component metrics); see the module docstring.
+
+    With length buckets on, the passes are bucketed when the batch fits the plan and run one by
+    one otherwise (`lax.cond`, correct for any batch; the train step avoids differentiating
+    through it with `select_loss`)."""
+    return self._loss(params, batch, consts, rng, mode="cond" if self._bucketed() else "passes")
+
+  def _loss(self, params, batch, consts, rng, *, mode: str):
     cfg = self.cfg
     rngs = jax.random.split(rng, 7)
     backbone = params["backbone"]
@@ -221,10 +311,41 @@ class SRACLTask:
 
     total = rec
     metrics = {"rec_loss": rec}
+    inputs = batch["inputs"]
+    (b, length), k = inputs.shape, cfg.k
+    if cfg.beta:
+      table = consts["item_neighbours"]
+      view1 = augment.substitute(rngs[4], inputs, table, cfg.sub_prob)
+      view2 = augment.substitute(rngs[5], inputs, table, cfg.sub_prob)
+    if mode == "passes":
+      if cfg.alpha:
+        h_user = encode(inputs, rngs[1])  # [B, D]
+        h_nbrs = encode(batch["nbr_inputs"].reshape(b * k, length), rngs[2]).reshape(b, k, -1)
+      if cfg.beta:
+        key1, key2 = jax.random.split(rngs[6])
+        h_view1, h_view2 = encode(view1, key1), encode(view2, key2)
+      if self._bucketed():
+        metrics["bucket_overflow"] = jnp.ones((), jnp.float32)
+    elif mode in ("bucketed", "cond"):
+      # Every contrastive pass in one call, rows bucketed by width (seqrec_jax.buckets).
+      parts = ([inputs, batch["nbr_inputs"].reshape(b * k, length)] if cfg.alpha else []) + (
+          [view1, view2] if cfg.beta else [])
+      rows = jnp.concatenate(parts, axis=0)
+      plan = self.bucket_plan(b)
+      if mode == "bucketed":  # the caller checked the batch fits (select_loss)
+        out = buckets.apply_plan(encode, rows, rngs[1], plan, self._slack)
+        overflow = jnp.zeros((), bool)
+      else:
+        out, overflow = buckets.bucketed_apply(encode, rows, rngs[1], plan, self._slack)
+      encoded = buckets.split_rows(out, [p.shape[0] for p in parts])
+      metrics["bucket_overflow"] = overflow.astype(jnp.float32)
+      if cfg.alpha:
+        h_user, h_nbrs = encoded[0], encoded[1].reshape(b, k, -1)
+      if cfg.beta:
+        h_view1, h_view2 = encoded[-2], encoded[-1]
+    else:
+      raise ValueError(f"unknown SRA-CL loss mode {mode!r}")
     if cfg.alpha:
-      b, k, length = batch["nbr_inputs"].shape
-      h_user = encode(batch["inputs"], rngs[1])  # [B, D]
-      h_nbrs = encode(batch["nbr_inputs"].reshape(b * k, length), rngs[2]).reshape(b, k, -1)
       if cfg.synthesizer == "mean":
         positive = h_nbrs.mean(axis=1)  # [B, D]
       else:
@@ -236,12 +357,7 @@ class SRACLTask:
       total = total + cfg.alpha * user_cl
       metrics["user_cl"] = user_cl
     if cfg.beta:
-      table = consts["item_neighbours"]
-      view1 = augment.substitute(rngs[4], batch["inputs"], table, cfg.sub_prob)
-      view2 = augment.substitute(rngs[5], batch["inputs"], table, cfg.sub_prob)
-      key1, key2 = jax.random.split(rngs[6])
-      is_sum, is_w = losses.nt_xent(encode(view1, key1), encode(view2, key2), weights,
-                                    cfg.temperature, cfg.similarity)
+      is_sum, is_w = losses.nt_xent(h_view1, h_view2, weights, cfg.temperature, cfg.similarity)
       item_cl = is_sum / jnp.maximum(is_w, 1.0)
       total = total + cfg.beta * item_cl
       metrics["item_cl"] = item_cl

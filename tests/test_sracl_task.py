@@ -140,20 +140,25 @@ def _task_params_batch(c, tmp_path):
           {k: jnp.asarray(host[k]) for k in exp.task.train_fields})
 
 
-def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path):
+@pytest.mark.parametrize("length_buckets", [0, 3])
+def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path, length_buckets):
   """The task's loss is the reference's composition of its encoder passes.
 
   Dropout off everywhere, so every pass is deterministic: the task's loss must equal L_rec +
   alpha NT-Xent(prefix, synthesized positive) + beta NT-Xent(view 1, view 2) computed here with
-  one encoder call per piece, the views drawn with the same substitution keys.
+  one encoder call per piece, the views drawn with the same substitution keys. With length
+  buckets the passes run as one sorted, width-bucketed call: the same loss.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from sracl_jax import augment, losses  # pylint: disable=g-import-not-at-top
   root, path, _ = toy
-  c = sracl_config(root, path, synth_dropout=0.0, alpha=0.3, beta=0.2)
+  c = sracl_config(root, path, synth_dropout=0.0, alpha=0.3, beta=0.2,
+                   length_buckets=length_buckets)
   c.model.dropout = 0.0
   c.model.attn_dropout = 0.0
   task, params, batch = _task_params_batch(c, tmp_path)
+  if length_buckets:
+    _plan_from_the_batch(task, batch, c)
   consts = {k: jnp.asarray(v) for k, v in task.consts.items()}
   rng = jax.random.key(7)
   total_sum, weight_sum, metrics = task.loss(params, batch, consts, rng)
@@ -184,6 +189,97 @@ def test_sracl_loss_equals_separate_encoder_passes(toy, tmp_path):
   np.testing.assert_allclose(float(metrics["user_cl"]), user_cl, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["item_cl"]), item_cl, rtol=1e-5)
   np.testing.assert_allclose(float(total_sum) / w, want, rtol=1e-5)
+  if length_buckets:
+    assert float(metrics["bucket_overflow"]) == 0.0  # the bucketed branch ran
+
+
+def _plan_from_the_batch(task, batch, c):
+  """Plans this batch's own widths (so the bucketed branch, not the fallback, runs); the task's
+  sampled plan for the batch size must also be a real multi-width plan."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import buckets  # pylint: disable=g-import-not-at-top
+  b = batch["inputs"].shape[0]
+  sampled = task.bucket_plan(b)
+  assert len(sampled.widths) > 1 and sampled.cost_fraction() < 1.0, sampled
+  rows = jnp.concatenate([batch["inputs"], batch["nbr_inputs"].reshape(-1, c.data.max_len),
+                          batch["inputs"], batch["inputs"]])  # the views keep the spans
+  need = np.asarray(buckets.required_widths(rows, buckets.truncation_slack(task.model)))
+  plan = buckets.make_plan(need[None], c.data.max_len, task.length_buckets, n_std=0.0)
+  assert plan.rows == sampled.rows and len(plan.widths) > 1
+  task._plans[b] = plan  # pylint: disable=protected-access
+
+
+def _deterministic_config(root, path, n):
+  """Dropout off everywhere; length buckets n (0 = per pass; "overflow" = 4, plan replaced)."""
+  c = sracl_config(root, path, synth_dropout=0.0, length_buckets=4 if n == "overflow" else n)
+  c.model.dropout = 0.0
+  c.model.attn_dropout = 0.0
+  return c
+
+
+def _set_plan(task, batch, c, n):
+  """n=4: a plan this batch fits; "overflow": every row planned at width 1 (it cannot fit)."""
+  from seqrec_jax import buckets  # pylint: disable=g-import-not-at-top
+  b = batch["inputs"].shape[0]
+  if n == 4:
+    _plan_from_the_batch(task, batch, c)
+  if n == "overflow":
+    rows = task.bucket_plan(b).rows
+    task._plans[b] = buckets.Plan((1, c.data.max_len), (rows - 1, 1))  # pylint: disable=protected-access
+
+
+def test_length_buckets_give_the_same_gradients(toy, tmp_path):
+  """Dropout off: the bucketed loss (`task.loss`, which checks the plan with a differentiated
+  lax.cond) has the per-pass loss's value and gradients, and so does a plan too small for the
+  batch (the full-width fallback, flagged)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  root, path, _ = toy
+  got = {}
+  for n in (0, 4, "overflow"):
+    c = _deterministic_config(root, path, n)
+    task, params, batch = _task_params_batch(c, tmp_path / str(n))
+    _set_plan(task, batch, c, n)
+    consts = {k: jnp.asarray(v) for k, v in task.consts.items()}
+    def f(p):
+      total, w, m = task.loss(p, batch, consts, jax.random.key(3))
+      return total / w, m
+    (value, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    got[n] = (float(value), grads, float(metrics.get("bucket_overflow", -1.0)))
+  assert got[0][2] == -1.0 and got[4][2] == 0.0 and got["overflow"][2] == 1.0
+  for n in (4, "overflow"):
+    np.testing.assert_allclose(got[n][0], got[0][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[n][1]), jax.tree.leaves(got[0][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_selects_the_bucketed_gradient_outside_the_grad(toy, tmp_path):
+  """The shared train step asks the task which loss to differentiate (`select_loss`): with the
+  batch fitting the plan, the bucketed one; with a plan too small, the per-pass one. One step
+  from the same state gives the same parameters as the per-pass step either way (dropout off)."""
+  root, path, _ = toy
+  got = {}
+  for n in (0, 4, "overflow"):
+    c = _deterministic_config(root, path, n)
+    exp = loop.build_experiment(c, workdir=str(tmp_path / str(n)))
+    host = next(exp.iterator)
+    _set_plan(exp.task, exp.task.host_batch(host), c, n)
+    state, metrics = exp.train_step(exp.state, host)
+    got[n] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
+  assert "bucket_overflow" not in got[0][1]
+  assert got[4][1]["bucket_overflow"] == 0.0 and got["overflow"][1]["bucket_overflow"] == 1.0
+  for n in (4, "overflow"):
+    np.testing.assert_allclose(got[n][1]["loss_sum"], got[0][1]["loss_sum"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[n][0]), jax.tree.leaves(got[0][0])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_length_buckets_auto_and_bad_value(toy, tmp_path):
+  root, path, _ = toy
+  task, _, _ = _task_params_batch(sracl_config(root, path), tmp_path / "auto")
+  want = 4 if (jax.default_backend() == "cpu" and jax.device_count() == 1) else 0
+  assert task.length_buckets == want
+  with pytest.raises(ValueError, match="config.sracl.length_buckets=-2"):
+    _task_params_batch(sracl_config(root, path, length_buckets=-2), tmp_path / "bad")
 
 
 def test_mean_synthesizer_ablation_is_the_plain_neighbour_mean(toy, tmp_path):

@@ -84,6 +84,9 @@ class BERT4Rec(SASRec):
   no causal part), the [MASK] row of the item table and the next-item read-out differ.
   """
   config: BERT4RecConfig
+  # `__call__` drops the oldest column to append [MASK]: a window cut to its items plus one
+  # padding column gives the same output (`seqrec_jax.buckets`).
+  truncation_slack = 1
 
   def _attention_mask(self, inputs: jax.Array) -> jax.Array:
     """[B, 1, L, L] bool: every query sees every non-padding key."""
