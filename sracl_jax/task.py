@@ -62,7 +62,7 @@ def default_sracl_config() -> ml_collections.ConfigDict:
   # need and encoded in at most this many static widths (`seqrec_jax.buckets`): the same
   # function, fewer padding columns. 0 = off (one call per pass); -1 = auto: 4 where the
   # backend is CPU and one device holds the batch, off elsewhere (on GPUs the step is
-  # launch-bound and more calls cost more).
+  # launch-bound, so more calls would likely cost more; not measured).
   c.length_buckets = -1
   c.semantic_dir = ""  # tables from launch/embed.py; "" = <workdir>/semantic (built if missing)
   c.semantic = default_semantic_config()
