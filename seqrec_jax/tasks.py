@@ -98,9 +98,8 @@ def next_item_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.A
   if loss_positions == "last":
     logits = model.apply(variables, batch["inputs"], train, rngs={"dropout": rng},
                          method=_logits_at_last)  # [B, V]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B]
-    w = batch["weights"]
-  elif loss_positions == "all":
+    return last_position_ce(logits, batch["targets"], batch["weights"])
+  if loss_positions == "all":
     logits = model.apply(variables, batch["inputs"], train, rngs={"dropout": rng},
                          method=_logits_everywhere)  # [B, L, V]
     targets = batch["target_seq"]  # [B, L], 0 where the input is padding
@@ -110,6 +109,14 @@ def next_item_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.A
     raise ValueError(f"loss_positions must be 'last' or 'all', got {loss_positions!r}")
   ce = jnp.where(w > 0, ce, 0.0)  # padding rows may hold -inf-derived values
   return jnp.sum(ce * w), jnp.sum(w)
+
+
+def last_position_ce(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """(sum of weighted CE, sum of weights) of [B, V] full-softmax logits against [B] targets:
+  `next_item_loss`'s "last" form, for callers that encode the sequences themselves."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B]
+  ce = jnp.where(weights > 0, ce, 0.0)  # padding rows may hold -inf-derived values
+  return jnp.sum(ce * weights), jnp.sum(weights)
 
 
 class NextItemTask:

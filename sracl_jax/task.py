@@ -58,9 +58,10 @@ def default_sracl_config() -> ml_collections.ConfigDict:
   #     prefixes / items, drawn once from config.seed) | random_users | random_items (one table).
   c.synthesizer = "learned"
   c.neighbours = "semantic"
-  # The L_CS / L_IS encoder passes run as one call whose rows are sorted by the width their items
-  # need and encoded in at most this many static widths (`seqrec_jax.buckets`): the same
-  # function, fewer padding columns. 0 = off (one call per pass); -1 = auto: 4 where the
+  # The L_CS / L_IS encoder passes (and L_rec's, for next-item CE at the last position with the
+  # full softmax) run as one call whose rows are sorted by the width their items need and encoded
+  # in at most this many static widths (`seqrec_jax.buckets`): the same function, fewer padding
+  # columns. 0 = off (one call per pass); -1 = auto: 4 where the
   # backend is CPU and one device holds the batch, off elsewhere (on GPUs the step is
   # launch-bound, so more calls would likely cost more; not measured).
   c.length_buckets = -1
@@ -164,6 +165,11 @@ class SRACLTask:
     self.sem_dim = self._prefix_emb.shape[1]
     self.synthesizer = Synthesizer(features=self.hidden, dropout=cfg.synth_dropout,
                                    gain=cfg.synth_gain)
+    # L_rec's own pass joins the bucketed call when it is a function of the last position's
+    # vector alone: next-item CE at the last position (the reference's L_rec; SRA-CL runs the
+    # full softmax only, `config_check`). BERT4Rec's cloze loss and the all-positions CE read
+    # every position and keep their own pass.
+    self._rec_rows = bool(cfg.rec_task == "next_item" and self.loss_positions == "last")
     self._setup_buckets(config)
     self.train_fields = dict(tasks.BASE_TRAIN_FIELDS, user_sem=2, nbr_inputs=3, nbr_sem=3)
     self.consts = {"item_neighbours": item_nbrs}  # [n_items + 1, k_sem]
@@ -188,11 +194,13 @@ class SRACLTask:
     # Items in each training prefix's window (the host's view of the widths rows will need).
     self._spans = np.minimum(
         split.train_targets - self._user_start[split.train_users], self.max_len).astype(np.int64)
-    logging.info("SRA-CL: length buckets %s", f"up to {n} widths" if n else "off")
+    logging.info("SRA-CL: length buckets %s%s", f"up to {n} widths" if n else "off",
+                 " (L_rec's pass included)" if n and self._rec_rows else "")
 
   def bucket_plan(self, b: int) -> buckets.Plan:
-    """The static plan for a batch of b examples: rows are [prefix (L_CS), its k neighbours
-    (L_CS), two views (L_IS)] as present; capacities from 64 batches drawn like the loader's."""
+    """The static plan for a batch of b examples: rows are [prefix (L_rec), prefix (L_CS), its k
+    neighbours (L_CS), two views (L_IS)] as present; capacities from 64 batches drawn like the
+    loader's."""
     if b not in self._plans:
       rng = np.random.default_rng([self._plan_seed, 7])
       n_train = len(self._spans)
@@ -201,7 +209,7 @@ class SRACLTask:
         ex = rng.choice(n_train, size=min(b, n_train), replace=False)
         if len(ex) < b:
           ex = np.concatenate([ex, rng.choice(n_train, size=b - len(ex))])
-        parts = []
+        parts = [self._spans[ex]] if self._rec_rows else []
         if self.cfg.alpha:
           parts += [self._spans[ex], self._spans[self._prefix_nbrs[ex]].ravel()]
         if self.cfg.beta:
@@ -267,14 +275,14 @@ class SRACLTask:
     return float(rec + self.encoder_passes() * encoder)
 
   def _bucketed(self) -> bool:
-    return bool(self.length_buckets and (self.cfg.alpha or self.cfg.beta))
+    return bool(self.length_buckets and (self._rec_rows or self.cfg.alpha or self.cfg.beta))
 
   def _rows_need(self, batch) -> jax.Array:
-    """[rows] widths the contrastive passes' rows need, in `_loss`'s order. The views' own
-    needs are at most their input's (substitution never fills padding), so this bounds them."""
+    """[rows] widths the bucketed passes' rows need, in `_loss`'s order. The views' own needs are
+    at most their input's (substitution never fills padding), so this bounds them."""
     slack = self._slack
     user = buckets.required_widths(batch["inputs"], slack)
-    parts = ([user, buckets.required_widths(
+    parts = ([user] if self._rec_rows else []) + ([user, buckets.required_widths(
         batch["nbr_inputs"].reshape(-1, batch["nbr_inputs"].shape[-1]), slack)]
              if self.cfg.alpha else []) + ([user, user] if self.cfg.beta else [])
     return jnp.concatenate(parts)
@@ -301,16 +309,14 @@ class SRACLTask:
     cfg = self.cfg
     rngs = jax.random.split(rng, 7)
     backbone = params["backbone"]
-    rec_sum, weight_sum, _ = self.base.loss(backbone, batch, {}, rngs[0])
     weights = batch["weights"]
-    denom = jnp.maximum(weight_sum, 1.0)
-    rec = rec_sum / denom
+    metrics = {}
+    if mode == "passes" or not self._rec_rows:
+      rec_sum, weight_sum, _ = self.base.loss(backbone, batch, {}, rngs[0])
 
     def encode(inputs, key):  # [N, L] -> [N, D] sequence vectors, dropout on
       return self.model.apply({"params": backbone}, inputs, train=True, rngs={"dropout": key})
 
-    total = rec
-    metrics = {"rec_loss": rec}
     inputs = batch["inputs"]
     (b, length), k = inputs.shape, cfg.k
     if cfg.beta:
@@ -328,7 +334,8 @@ class SRACLTask:
         metrics["bucket_overflow"] = jnp.ones((), jnp.float32)
     elif mode in ("bucketed", "cond"):
       # Every contrastive pass in one call, rows bucketed by width (seqrec_jax.buckets).
-      parts = ([inputs, batch["nbr_inputs"].reshape(b * k, length)] if cfg.alpha else []) + (
+      parts = ([inputs] if self._rec_rows else []) + (
+          [inputs, batch["nbr_inputs"].reshape(b * k, length)] if cfg.alpha else []) + (
           [view1, view2] if cfg.beta else [])
       rows = jnp.concatenate(parts, axis=0)
       plan = self.bucket_plan(b)
@@ -339,12 +346,20 @@ class SRACLTask:
         out, overflow = buckets.bucketed_apply(encode, rows, rngs[1], plan, self._slack)
       encoded = buckets.split_rows(out, [p.shape[0] for p in parts])
       metrics["bucket_overflow"] = overflow.astype(jnp.float32)
+      if self._rec_rows:  # L_rec from its pass's vectors: `next_item_loss`'s "last" form
+        logits = self.model.apply({"params": backbone}, encoded[0],
+                                  method=lambda m, h: m.score(h))  # [B, V]
+        rec_sum, weight_sum = tasks.last_position_ce(logits, batch["targets"], weights)
       if cfg.alpha:
-        h_user, h_nbrs = encoded[0], encoded[1].reshape(b, k, -1)
+        first = 1 if self._rec_rows else 0
+        h_user, h_nbrs = encoded[first], encoded[first + 1].reshape(b, k, -1)
       if cfg.beta:
         h_view1, h_view2 = encoded[-2], encoded[-1]
     else:
       raise ValueError(f"unknown SRA-CL loss mode {mode!r}")
+    rec = rec_sum / jnp.maximum(weight_sum, 1.0)
+    total = rec
+    metrics["rec_loss"] = rec
     if cfg.alpha:
       if cfg.synthesizer == "mean":
         positive = h_nbrs.mean(axis=1)  # [B, D]

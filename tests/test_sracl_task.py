@@ -131,6 +131,70 @@ def test_sracl_on_bert4rec_with_cloze_rec_term(toy, tmp_path):
   assert np.isfinite(results["test"]["NDCG@10"])
 
 
+@pytest.mark.parametrize("rec_task", ["next_item", "cloze"])
+def test_which_passes_join_the_length_buckets(toy, tmp_path, rec_task):
+  """L_rec's pass joins the bucketed call for next-item CE at the last position (1 + 1 + k + 2
+  rows per example); the cloze loss and the all-positions CE, which read every position, keep
+  their own pass (1 + k + 2)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  root, path, _ = toy
+  c = sracl_config(root, path, rec_task=rec_task, length_buckets=3)
+  if rec_task == "cloze":
+    spec = importlib.util.spec_from_file_location(
+        "b", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "bert4rec", "ml100k.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c.model = mod.bert4rec_model()
+    c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
+  task, _, batch = _task_params_batch(c, tmp_path / rec_task)
+  b, k = batch["inputs"].shape[0], c.sracl.k
+  with_rec = rec_task == "next_item"
+  assert task.bucket_plan(b).rows == (1 + k + 2 + with_rec) * b
+  assert task._rows_need(batch).shape == ((1 + k + 2 + with_rec) * b,)  # pylint: disable=protected-access
+  if with_rec:
+    c.model.loss_positions = "all"
+    task, _, _ = _task_params_batch(c, tmp_path / "all")
+    assert task.bucket_plan(b).rows == (1 + k + 2) * b
+
+
+def test_backbone_alone_arm_buckets_its_rec_pass(toy, tmp_path):
+  """The w/o-CL arm (alpha = beta = 0) buckets L_rec's pass alone: same loss and gradients as
+  the plain next-item loss (dropout off), and the train step takes the bucketed branch."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import buckets  # pylint: disable=g-import-not-at-top
+  from seqrec_jax import tasks  # pylint: disable=g-import-not-at-top
+  root, path, _ = toy
+  c = sracl_config(root, path, alpha=0.0, beta=0.0, length_buckets=3)
+  c.model.dropout = 0.0
+  c.model.attn_dropout = 0.0
+  task, params, batch = _task_params_batch(c, tmp_path)
+  b = batch["inputs"].shape[0]
+  need = np.asarray(buckets.required_widths(batch["inputs"], 0))
+  plan = buckets.make_plan(need[None], c.data.max_len, 3, n_std=0.0)
+  assert plan.rows == task.bucket_plan(b).rows == b and plan.cost_fraction() < 1.0
+  task._plans[b] = plan  # pylint: disable=protected-access
+  index, (bucketed, _) = task.select_loss(batch)
+  assert int(index) == 0
+
+  def plain(p):
+    total, w = tasks.next_item_loss(p["backbone"], batch, jax.random.key(0), model=task.model)
+    return total / w
+
+  def ours(p):
+    total, w, m = bucketed(p, batch, {}, jax.random.key(5))
+    return total / w, m
+  want, want_grads = jax.value_and_grad(plain)(params)
+  (got, metrics), got_grads = jax.value_and_grad(ours, has_aux=True)(params)
+  assert set(metrics) == {"rec_loss", "bucket_overflow"} and float(metrics["bucket_overflow"]) == 0
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, w in zip(jax.tree.leaves(got_grads["backbone"]), jax.tree.leaves(want_grads["backbone"])):
+    np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
+  assert not jnp.any(jnp.stack([jnp.abs(g).sum() for g in jax.tree.leaves(
+      got_grads["synthesizer"])]))  # unused without L_CS
+
+
 def _task_params_batch(c, tmp_path):
   """The task, its initial parameters (host) and the first training batch (device arrays)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -201,8 +265,11 @@ def _plan_from_the_batch(task, batch, c):
   b = batch["inputs"].shape[0]
   sampled = task.bucket_plan(b)
   assert len(sampled.widths) > 1 and sampled.cost_fraction() < 1.0, sampled
-  rows = jnp.concatenate([batch["inputs"], batch["nbr_inputs"].reshape(-1, c.data.max_len),
-                          batch["inputs"], batch["inputs"]])  # the views keep the spans
+  # L_rec's pass (next-item CE here), then L_CS's prefix and neighbours, then the two views
+  # (they keep the prefix's spans).
+  rows = jnp.concatenate([batch["inputs"], batch["inputs"],
+                          batch["nbr_inputs"].reshape(-1, c.data.max_len),
+                          batch["inputs"], batch["inputs"]])
   need = np.asarray(buckets.required_widths(rows, buckets.truncation_slack(task.model)))
   plan = buckets.make_plan(need[None], c.data.max_len, task.length_buckets, n_std=0.0)
   assert plan.rows == sampled.rows and len(plan.widths) > 1
