@@ -6,7 +6,9 @@
 Each run's <workdir>/eval_ranks.npz (written when it finishes; `launch/eval.py --workdir W
 --write_ranks` for older runs) gives every user's target rank. The table has each arm's mean ±
 std over runs (the seed spread), the difference, its 95% paired-bootstrap interval over users
-and a sign-flip permutation p-value (seqrec_jax/paired.py).
+and a sign-flip permutation p-value (seqrec_jax/paired.py). A second table gives the share of
+users whose target ranks in each band (1, 2-5, 6-10, ...) and the median rank; `--plot` draws
+each arm's HR@K at every K.
 """
 
 import json
@@ -29,7 +31,8 @@ _STAGE = flags.DEFINE_enum("stage", "test", ["valid", "test"], "Evaluation stage
 _N = flags.DEFINE_integer("n_resamples", 10_000, "Bootstrap and permutation resamples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the resampling.")
 _OUT = flags.DEFINE_string("out", None, "Write the comparison here as JSON.")
-_MD = flags.DEFINE_string("md", None, "Write the Markdown table here.")
+_MD = flags.DEFINE_string("md", None, "Write the Markdown tables here.")
+_PLOT = flags.DEFINE_string("plot", None, "Draw both arms' HR@K at every K, and A - B, here (.png).")
 flags.mark_flags_as_required(["a", "b"])
 
 
@@ -38,8 +41,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   result = paired.compare(paired.expand(_A.value), paired.expand(_B.value), _METRICS.value,
                           stage=_STAGE.value, n_resamples=_N.value, seed=_SEED.value)
-  table = paired.to_markdown(result, _A_NAME.value, _B_NAME.value)
+  profile = paired.rank_profile({_A_NAME.value: result["a"], _B_NAME.value: result["b"]},
+                                stage=_STAGE.value)
+  table = (paired.to_markdown(result, _A_NAME.value, _B_NAME.value) + "\nWhere the targets rank: " +
+           paired.profile_markdown(profile))
   print(table)
+  if _PLOT.value:
+    paired.save_profile_plot(_PLOT.value, profile)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=2)

@@ -251,8 +251,9 @@ PAIRED_RESAMPLES = 2000  # bootstrap / sign-flip resamples of sweep_paired.md
 
 def write_paired_tables(workdir: str, sweep, metrics) -> str:
   """sweep_paired.md: the first arm (SRA-CL in the sracl sweeps) against each other arm, paired
-  per user over the finished runs' eval_ranks.npz (seqrec_jax/paired.py), and sweep_paired.png:
-  each difference with its 95% interval over users. Returns the Markdown's path, or "" when
+  per user over the finished runs' eval_ranks.npz (seqrec_jax/paired.py), then where each arm
+  ranks the targets (`paired.rank_profile`); sweep_paired.png: each difference with its 95%
+  interval over users; sweep_ranks.png: each arm's HR@K at every K, and the differences. Returns the Markdown's path, or "" when
   fewer than two arms have finished runs with ranks."""
   from seqrec_jax import paired  # pylint: disable=g-import-not-at-top
   arms: Dict[str, List[str]] = {}
@@ -273,11 +274,17 @@ def write_paired_tables(workdir: str, sweep, metrics) -> str:
       continue
     results[name] = paired.compare(arms[first], arms[name], metrics, n_resamples=PAIRED_RESAMPLES)
     parts.append(f"## {first} vs {name}\n\n" + paired.to_markdown(results[name], first, name))
+  finished = {name: runs for name, runs in arms.items() if runs}
+  if results:
+    profile = paired.rank_profile(finished)
+    parts.append("## Where the targets rank\n\n" + paired.profile_markdown(profile) +
+                 "\nsweep_ranks.png: each arm's HR@K at every K, and the differences.\n")
   path = os.path.join(workdir, "sweep_paired.md")
   with open(path, "w") as f:
     f.write("\n".join(parts))
   if results:
     _save_differences(os.path.join(workdir, "sweep_paired.png"), first, results, metrics)
+    paired.save_profile_plot(os.path.join(workdir, "sweep_ranks.png"), profile)
   return path
 
 

@@ -140,6 +140,125 @@ CAVEAT = ("The interval and p-value resample users for these trained runs: they 
           "spread (diff / seed spread, and the worst-vs-best column).")
 
 
+# Upper edges (1-based, inclusive) of the rank bands of `rank_profile`; the last band is above
+# the last edge.
+RANK_EDGES = (1, 5, 10, 20, 50, 100, 500)
+
+
+def band_labels(edges: Sequence[int] = RANK_EDGES) -> List[str]:
+  """["1", "2-5", "6-10", ..., "> 500"] for the default edges."""
+  if not edges or list(edges) != sorted(set(edges)) or edges[0] < 1:
+    raise ValueError(f"rank band edges must be increasing integers >= 1, got {list(edges)}")
+  labels, lo = [], 1
+  for hi in edges:
+    labels.append(str(hi) if hi == lo else f"{lo}-{hi}")
+    lo = hi + 1
+  return labels + [f"> {edges[-1]}"]
+
+
+def rank_profile(arms: Dict[str, Sequence[str]], *, stage: str = "test",
+                 edges: Sequence[int] = RANK_EDGES) -> Dict:
+  """Where each arm's runs rank the targets: per run, the share of users whose target's 1-based
+  rank falls in each band (1, 2-5, ..., > the last edge), its median rank and its hit rate
+  HR@K at every K from 1 to the catalogue; per arm, their mean and population std over runs.
+
+  Two arms can reach the same HR@10 by different routes (one sharper at the top, one with fewer
+  targets buried deep); the bands and the HR@K curve show which. Every run must be on the same
+  users and targets.
+
+  Returns:
+    {"stage", "users", "bands", "ks", "arms": {name: {"runs", "shares" [runs, bands],
+     "share_mean", "share_std", "median_rank" [runs], "hr_at_k" [runs, ks]}}}.
+  """
+  labels = band_labels(edges)
+  if not arms or any(not dirs for dirs in arms.values()):
+    raise ValueError("each arm needs at least one run")
+  names = [d for dirs in arms.values() for d in dirs]
+  runs = [load_ranks(d, stage) for d in names]
+  _check_same_rows(runs, names)
+  n_users = len(runs[0]["users"])
+  if n_users == 0:
+    raise ValueError(f"{names[0]}: no evaluated users")
+  top = int(max(r["ranks"].max() for r in runs)) + 1
+  ks = np.unique(np.round(np.logspace(0, np.log10(max(top, 2)), 60)).astype(np.int64))
+  out = {"stage": stage, "users": n_users, "bands": labels, "edges": list(edges),
+         "ks": ks.tolist(), "arms": {}}
+  bins = np.asarray([0, *edges, np.iinfo(np.int64).max], np.int64)  # 0-based ranks
+  i = 0
+  for name, dirs in arms.items():
+    chunk = runs[i:i + len(dirs)]
+    i += len(dirs)
+    shares = np.stack([np.histogram(r["ranks"], bins=bins)[0] / n_users for r in chunk])
+    hr = np.stack([np.searchsorted(np.sort(r["ranks"]), ks, side="left") / n_users
+                   for r in chunk])  # [runs, ks]: share with 0-based rank < k
+    out["arms"][name] = {
+        "runs": list(dirs), "shares": shares.tolist(),
+        "share_mean": shares.mean(0).tolist(), "share_std": shares.std(0).tolist(),
+        "median_rank": [float(np.median(r["ranks"]) + 1) for r in chunk],
+        "hr_at_k": hr.tolist()}
+  return out
+
+
+def profile_markdown(profile: Dict) -> str:
+  """One row per arm: its share of users in each rank band (mean ± std over runs) and its median
+  rank; then, for each arm after the first, the first arm minus it."""
+  bands = profile["bands"]
+  head = (f"{profile['stage']} stage, {profile['users']} users: the share of users whose target "
+          "ranks in each band (mean ± std over runs), and the median rank (mean over runs)")
+  lines = [head, "", "| arm | runs | " + " | ".join(bands) + " | median rank |",
+           "|---|---|" + "---|" * (len(bands) + 1)]
+  arms = profile["arms"]
+  for name, a in arms.items():
+    cells = [f"{m:.4f} ± {s:.4f}" for m, s in zip(a["share_mean"], a["share_std"])]
+    lines.append(f"| {name} | {len(a['runs'])} | " + " | ".join(cells) +
+                 f" | {np.mean(a['median_rank']):.0f} |")
+  names = list(arms)
+  for name in names[1:]:
+    d = np.asarray(arms[names[0]]["share_mean"]) - np.asarray(arms[name]["share_mean"])
+    dm = np.mean(arms[names[0]]["median_rank"]) - np.mean(arms[name]["median_rank"])
+    lines.append(f"| {names[0]} - {name} | | " + " | ".join(f"{x:+.4f}" for x in d) +
+                 f" | {dm:+.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def save_profile_plot(path: str, profile: Dict) -> None:
+  """Two panels: each arm's HR@K against K (log axis; the mean over runs, shaded from its lowest
+  to its highest run), and the first arm minus each other arm (shaded: ± the larger seed std)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ks = np.asarray(profile["ks"])
+  arms = profile["arms"]
+  names = list(arms)
+  fig, (top, diff) = plt.subplots(1, 2, figsize=(11, 3.8))
+  for j, name in enumerate(names):
+    hr = np.asarray(arms[name]["hr_at_k"])
+    colour = f"C{j}"
+    top.plot(ks, hr.mean(0), color=colour, label=f"{name} ({len(hr)} runs)")
+    top.fill_between(ks, hr.min(0), hr.max(0), color=colour, alpha=0.2, lw=0)
+    if j:
+      first = np.asarray(arms[names[0]]["hr_at_k"])
+      d = first.mean(0) - hr.mean(0)
+      spread = np.maximum(first.std(0), hr.std(0))
+      diff.plot(ks, d, color=colour, label=f"{names[0]} - {name}")
+      diff.fill_between(ks, d - spread, d + spread, color=colour, alpha=0.2, lw=0)
+  for ax in (top, diff):
+    ax.set_xscale("log")
+    ax.set_xlabel("K (1-based rank cut-off)")
+    ax.grid(alpha=0.3)
+    for k in (10, 20):
+      ax.axvline(k, color="gray", lw=0.8, ls=":")
+  top.set_ylabel(f"{profile['stage']} HR@K")
+  top.legend(fontsize=8)
+  diff.axhline(0.0, color="gray", lw=1)
+  diff.set_ylabel(f"difference in {profile['stage']} HR@K")
+  if len(names) > 1:
+    diff.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def expand(patterns: Sequence[str]) -> List[str]:
   """Workdirs from names or glob patterns, sorted within each pattern; a pattern matching nothing
   is an error."""

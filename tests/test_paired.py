@@ -122,6 +122,45 @@ def test_valid_stage_and_errors(tmp_path):
   assert paired.expand([str(tmp_path / "[ab]")]) == [a, b]
 
 
+def test_rank_profile_against_direct_counts(tmp_path):
+  """Band shares, HR@K and median ranks equal direct numpy counts over the 0-based ranks."""
+  rng = np.random.default_rng(3)
+  n = 500
+  a = [_write_run(tmp_path / f"a{s}", rng.integers(0, 40, size=n)) for s in range(2)]
+  b = [_write_run(tmp_path / f"b{s}", rng.integers(0, 900, size=n)) for s in range(3)]
+  prof = paired.rank_profile({"new": a, "old": b}, edges=(1, 5, 10, 20))
+  assert prof["bands"] == ["1", "2-5", "6-10", "11-20", "> 20"] and prof["users"] == n
+  ks = np.asarray(prof["ks"])
+  assert ks[0] == 1 and ks[-1] >= 900 and np.all(np.diff(ks) > 0)
+  for name, dirs in (("new", a), ("old", b)):
+    got = prof["arms"][name]
+    for j, d in enumerate(dirs):
+      r = paired.load_ranks(d)["ranks"] + 1  # 1-based
+      want = [np.mean(r == 1), np.mean((r >= 2) & (r <= 5)), np.mean((r >= 6) & (r <= 10)),
+              np.mean((r >= 11) & (r <= 20)), np.mean(r > 20)]
+      np.testing.assert_allclose(got["shares"][j], want)
+      np.testing.assert_allclose(got["hr_at_k"][j], [np.mean(r <= k) for k in ks])
+      assert got["median_rank"][j] == np.median(r)
+    np.testing.assert_allclose(got["share_mean"], np.mean(got["shares"], 0))
+    np.testing.assert_allclose(np.sum(got["shares"], 1), 1.0)
+  text = paired.profile_markdown(prof)
+  diff_row = next(line for line in text.splitlines() if line.startswith("| new - old |"))
+  first = float(diff_row.split("|")[3])
+  np.testing.assert_allclose(first, prof["arms"]["new"]["share_mean"][0] -
+                             prof["arms"]["old"]["share_mean"][0], atol=1e-4)
+  paired.save_profile_plot(str(tmp_path / "r.png"), prof)
+  assert (tmp_path / "r.png").stat().st_size > 1000
+  other = _write_run(tmp_path / "other", rng.integers(0, 40, size=n),
+                     users=np.arange(2, n + 2, dtype=np.int32))
+  with pytest.raises(ValueError, match="different users"):
+    paired.rank_profile({"new": a, "x": [other]})
+  for bad in ((), (5, 1), (0, 3)):
+    with pytest.raises(ValueError, match="rank band edges"):
+      paired.rank_profile({"new": a}, edges=bad)
+  with pytest.raises(ValueError, match="at least one run"):
+    paired.rank_profile({"new": a, "none": []})
+
+
 def test_cli_writes_the_table_and_json(tmp_path):
   rng = np.random.default_rng(5)
   for s in range(2):
@@ -130,10 +169,12 @@ def test_cli_writes_the_table_and_json(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, "launch", "compare_runs.py"),
          f"--a={tmp_path}/seed=*", f"--b={tmp_path}/base_seed=*", "--a_name=new",
          "--b_name=old", "--metrics=HR@10", "--n_resamples=200", f"--md={tmp_path}/t.md",
-         f"--out={tmp_path}/t.json"]
+         f"--out={tmp_path}/t.json", f"--plot={tmp_path}/t.png"]
   got = subprocess.run(cmd, capture_output=True, text=True, check=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert "new - old" in got.stdout and "100 users" in got.stdout
+  assert "Where the targets rank" in got.stdout and "| new - old |" in got.stdout
+  assert (tmp_path / "t.png").stat().st_size > 1000
   import json  # pylint: disable=g-import-not-at-top
   with open(tmp_path / "t.json") as f:
     result = json.load(f)

@@ -136,6 +136,9 @@ def test_paired_tables_compare_the_first_arm_with_each_other(tmp_path):
   row = next(line for line in text.splitlines() if line.startswith("| HR@10 |"))
   assert "| yes |" in row and "400 users" in text  # the default arm is far better here
   assert (tmp_path / "sweep_paired.png").stat().st_size > 1000
+  assert "## Where the targets rank" in text and "| default - alpha=0.0 |" in text
+  assert "| default - beta=0.0 |" not in text  # no finished run in that arm
+  assert (tmp_path / "sweep_ranks.png").stat().st_size > 1000
 
 
 def test_sracl_config_flags_and_arm_sweeps():
