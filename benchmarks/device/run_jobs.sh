@@ -108,8 +108,14 @@ run_job() {
   [ -n "${only:-}" ] && args+=("$only")
   for x in ${SWEEP_EXTRA:-}; do args+=(--override="$x"); done
   echo "$job: python launch/sweep.py ${args[*]}" >> "$OUT/commands.txt"
+  # Each call's log starts afresh (the summary below greps it); earlier calls' logs of the same
+  # job are kept, appended in order, in $RUNS/log_history/<job>.log.
+  if [ -s "$RUNS/$job.log" ]; then
+    mkdir -p "$RUNS/log_history" && cat "$RUNS/$job.log" >> "$RUNS/log_history/$job.log"
+  fi
+  echo "$(date -u +%FT%TZ) $job: launch/sweep.py ${args[*]}" > "$RUNS/$job.log"
   timeout -s TERM -k 120 $(( deadline - $(date +%s) )) python3 launch/sweep.py "${args[@]}" \
-    > "$RUNS/$job.log" 2>&1
+    >> "$RUNS/$job.log" 2>&1
 }
 
 pids=()
