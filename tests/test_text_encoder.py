@@ -294,6 +294,25 @@ def test_minilm_bucket_padding_does_not_change_embeddings(minilm):
   np.testing.assert_allclose(batch[1], alone, atol=1e-5)
 
 
+def test_minilm_batches_pad_to_the_next_multiple_of_16(minilm, monkeypatch):
+  # Sorted batches hold texts of similar lengths: padding each to the next power of two (the old
+  # grid: a 72-token batch ran at 128) wasted ~15% of the faithful mode's encoder work.
+  shapes = []
+  forward = minilm._forward
+
+  def spy(params, ids, types, mask):
+    shapes.append((ids.shape[1], int(np.asarray(mask).sum(axis=1).max())))
+    return forward(params, ids, types, mask)
+
+  monkeypatch.setattr(minilm, "_forward", spy)
+  texts = [" ".join(["serum"] * n) for n in (1, 70, 150, 400)]
+  got = minilm.encode(texts, batch_size=1, show_progress=False)
+  assert got.shape == (4, 384)
+  assert sorted(longest for _, longest in shapes) == [3, 72, 152, 256]
+  for seq, longest in shapes:
+    assert seq == min(256, -(-longest // 16) * 16), (seq, longest)
+
+
 def test_minilm_matches_pytorch_reference(minilm):
   torch = pytest.importorskip("torch")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
