@@ -198,8 +198,9 @@ class BertSelfAttention(nn.Module):
       return _dense(d, dtype, name)(x).reshape(b, l, heads, head_dim).transpose(0, 2, 1, 3)
 
     # The scale goes on q (B L D multiplies, not B H L L), padding keys get an additive bias, and
-    # the softmax is written out: on XLA:CPU this forward is ~2x the einsum / `jnp.where` /
-    # `jax.nn.softmax` form at [16, 256] and [64, 128] (BENCHMARKS.md §6, semantic stage).
+    # the softmax is written out: on XLA:CPU the whole model's forward is 1.55x / 1.43x the
+    # einsum / `jnp.where` / `jax.nn.softmax` form at [16, 256] / [64, 128] tokens, and 1.07x
+    # at [256, 32] (BENCHMARKS.md §6, semantic stage).
     q = proj("query") * jnp.asarray(1.0 / math.sqrt(head_dim), dtype)
     k, v = proj("key"), proj("value")
     logits = jnp.matmul(q, k.transpose(0, 1, 3, 2)).astype(jnp.float32)  # [B, H, L, L]
