@@ -63,9 +63,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], consts: Dict[str,
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
   # A task may offer equivalent formulations of its loss and pick one per batch (e.g. SRA-CL's
-  # length buckets, when the batch fits them): the choice is made outside the gradient, so only
-  # the chosen gradient runs and neither carries the other's residuals.
-  selected = task.select_loss(batch) if hasattr(task, "select_loss") else None
+  # length buckets when the batch fits them, the cloze loss's gathered scoring when its masked
+  # rows fit the budget): the choice is made outside the gradient, so only the chosen gradient
+  # runs and neither carries the other's residuals. It sees the loss's rng (a draw may decide).
+  selected = task.select_loss(batch, rng) if hasattr(task, "select_loss") else None
   if selected is None:
     (_, (loss_sum, weight_sum, extra)), grads = value_and_grad(task.loss)
   else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -287,15 +287,27 @@ class SRACLTask:
              if self.cfg.alpha else []) + ([user, user] if self.cfg.beta else [])
     return jnp.concatenate(parts)
 
-  def select_loss(self, batch):
-    """For `train_state.train_step`: (0, bucketed loss) when the batch fits the length-bucket
-    plan, else (1, per-pass loss); None when buckets are off."""
-    if not self._bucketed():
+  def select_loss(self, batch, rng=None):
+    """For `train_state.train_step`: the loss to differentiate, chosen outside the gradient, as
+    (index, losses); None when there is no choice. Length buckets: the bucketed loss when the
+    batch fits the plan, else the per-pass one. A cloze L_rec (with `rng`, the loss's key): its
+    gathered scoring when the masked rows fit its budget, else dense scoring. Both choices at
+    once give four losses, index = 2 * bucket choice + cloze choice."""
+    bucket_modes, bucket_index = ("passes",), jnp.zeros((), jnp.int32)
+    if self._bucketed():
+      plan = self.bucket_plan(batch["inputs"].shape[0])
+      bucket_modes = ("bucketed", "passes")
+      bucket_index = jnp.where(buckets.fits(self._rows_need(batch), plan), 0, 1)
+    rec_modes, rec_index = (None,), jnp.zeros((), jnp.int32)
+    if rng is not None and hasattr(self.base, "select_mode"):
+      chosen = self.base.select_mode(batch, jax.random.split(rng, 7)[0])  # `_loss`'s rngs[0]
+      if chosen is not None:
+        rec_index, rec_modes = chosen
+    if len(bucket_modes) == 1 and len(rec_modes) == 1:
       return None
-    plan = self.bucket_plan(batch["inputs"].shape[0])
-    index = jnp.where(buckets.fits(self._rows_need(batch), plan), 0, 1)
-    return index, (functools.partial(self._loss, mode="bucketed"),
-                   functools.partial(self._loss, mode="passes"))
+    index = bucket_index * len(rec_modes) + rec_index
+    return index, tuple(functools.partial(self._loss, mode=m, rec_mode=r)
+                        for m in bucket_modes for r in rec_modes)
 
   def loss(self, params, batch, consts, rng):
     """(weighted total loss sum, weight sum, component metrics); see the module docstring.
@@ -305,14 +317,20 @@ class SRACLTask:
     through it with `select_loss`)."""
     return self._loss(params, batch, consts, rng, mode="cond" if self._bucketed() else "passes")
 
-  def _loss(self, params, batch, consts, rng, *, mode: str):
+  def _loss(self, params, batch, consts, rng, *, mode: str, rec_mode: Optional[str] = None):
     cfg = self.cfg
     rngs = jax.random.split(rng, 7)
     backbone = params["backbone"]
     weights = batch["weights"]
     metrics = {}
     if mode == "passes" or not self._rec_rows:
-      rec_sum, weight_sum, _ = self.base.loss(backbone, batch, {}, rngs[0])
+      if rec_mode is None:
+        rec_sum, weight_sum, rec_metrics = self.base.loss(backbone, batch, {}, rngs[0])
+      else:  # the base's scoring mode, chosen by `select_loss` (cloze)
+        rec_sum, weight_sum, rec_metrics = self.base.loss_in_mode(backbone, batch, {}, rngs[0],
+                                                                  mode=rec_mode)
+      if "cloze_overflow" in rec_metrics:
+        metrics["cloze_overflow"] = rec_metrics["cloze_overflow"]
 
     def encode(inputs, key):  # [N, L] -> [N, D] sequence vectors, dropout on
       return self.model.apply({"params": backbone}, inputs, train=True, rngs={"dropout": key})

@@ -9,6 +9,7 @@ import jax
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from seqrec_jax import cloze, loop, models, tasks
@@ -148,19 +149,22 @@ def test_budgeted_scoring_equals_dense_scoring_in_loss_and_gradient():
   rng = next(k for k in (jax.random.key(s) for s in range(100))
              if cloze.cloze_mask(target_seq, jax.random.split(k)[0], 0.3)[0, 0])
 
-  def run(budget):
+  def run(budget, mode="cond"):
     def f(p):
       loss, wsum, masked = cloze.cloze_loss(p, batch, rng, model=model, mask_id=21,
-                                            mask_prob=0.3, budget=budget)
+                                            mask_prob=0.3, budget=budget, mode=mode)
       return loss, (wsum, masked)
     (loss, (wsum, masked)), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
     return float(loss), float(wsum), masked, grad
 
   dense = run(16 * L)
   n_scored = int(dense[1])
+  assert int(cloze.masked_row_count(batch, rng, 0.3)) == n_scored
   assert 16 < n_scored < 16 * L // 2
-  for budget in (None, n_scored, n_scored - 1, 4):  # default; exactly enough; too few (dense)
-    loss, wsum, masked, grad = run(budget)
+  cases = [(None, "cond"), (n_scored, "cond"), (n_scored - 1, "cond"), (4, "cond"),
+           (n_scored, "gathered"), (4, "dense"), (None, "dense")]
+  for budget, mode in cases:  # default; exactly enough; too few (dense); the modes themselves
+    loss, wsum, masked, grad = run(budget, mode)
     assert (masked == dense[2]).all() and wsum == dense[1]
     assert loss == pytest.approx(dense[0], rel=1e-5), budget
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(dense[3])):
@@ -170,6 +174,52 @@ def test_budgeted_scoring_equals_dense_scoring_in_loss_and_gradient():
   # The default budget: 4 standard deviations above the mean of full-length sequences.
   assert cloze.scoring_budget(256, 20, 0.2) == 1344 and cloze.scoring_budget(256, 20, 1.0) == 5120
   assert cloze.scoring_budget(16, L, 0.3) < 16 * L
+  with pytest.raises(ValueError, match="unknown mode 'sparse'"):
+    cloze.cloze_loss(params, batch, rng, model=model, mask_id=21, mask_prob=0.3, mode="sparse")
+
+
+def test_planned_budget_matches_full_windows_and_simulated_batches():
+  """The data-planned budget: the full-window budget when every window is full; for windows of
+  mixed lengths, the mean + 4 std of batch totals drawn like the loader's (without replacement,
+  Bernoulli masks), well under the full-window budget and never exceeded in 3,000 draws."""
+  assert cloze.planned_budget([20] * 1000, 256, 20, 0.2) == cloze.scoring_budget(256, 20, 0.2)
+  assert cloze.planned_budget([30] * 10, 16, 20, 0.2) == cloze.scoring_budget(16, 20, 0.2)
+  rng = np.random.default_rng(0)
+  spans = np.minimum(1 + rng.geometric(0.12, size=20000), 20)  # short histories dominate
+  b, p = 256, 0.2
+  budget = cloze.planned_budget(spans, b, 20, p)
+  totals = np.array([b + rng.binomial(spans[rng.choice(len(spans), b, replace=False)] - 1,
+                                      p).sum() for _ in range(3000)])
+  assert totals.max() <= budget < 0.8 * cloze.scoring_budget(b, 20, p)
+  assert abs(budget - (totals.mean() + 4 * totals.std())) <= 12, (budget, totals.mean(),
+                                                                  totals.std())
+  with pytest.raises(ValueError, match="windows of >= 1 item"):
+    cloze.planned_budget([3, 0], 8, 20, p)
+
+
+def test_cloze_train_step_picks_its_scoring_outside_the_grad(tmp_path):
+  """The cloze task plans its budget from the training windows, and the train step picks the
+  gathered loss when the batch's masked rows fit it, dense scoring when they do not (flagged in
+  `cloze_overflow`): one step from the same state gives the same parameters either way, dropout
+  on (the dense loss itself is checked by hand above)."""
+  c = _cloze_config(_write_pairs(str(tmp_path / "toy.txt")))
+  got = {}
+  for case in ("planned", "overflow"):
+    exp = loop.build_experiment(c, workdir=str(tmp_path / case))
+    host = next(exp.iterator)
+    b, length = host["target_seq"].shape
+    assert exp.task.scoring_rows(b) < cloze.scoring_budget(b, length, 0.2) < b * length
+    if case == "overflow":
+      exp.task._budgets[b] = 8  # pylint: disable=protected-access
+    index, losses = exp.task.select_loss(host, jax.random.key(0))
+    assert len(losses) == 2 and int(index) == (case == "overflow")
+    state, metrics = exp.train_step(exp.state, host)
+    got[case] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
+  assert got["planned"][1]["cloze_overflow"] == 0.0 and got["overflow"][1]["cloze_overflow"] == 1.0
+  assert got["planned"][1]["loss_sum"] == pytest.approx(got["overflow"][1]["loss_sum"], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(got["planned"][0]), jax.tree.leaves(got["overflow"][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert exp.task.select_loss(host) is None  # no key, no choice (the loss's own lax.cond)
 
 
 def _cloze_config(path):

@@ -4,6 +4,7 @@ bit for bit; other data is refused."""
 import importlib.util
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,3 +121,25 @@ def test_campaign_status_times_epochs_by_training_seconds_not_file_times(tmp_pat
   assert "best valid MRR@10 0.03000 at step 800" in out, out
   # 240 training seconds over 400 steps, one evaluation per 400 steps: 4.0 min, 10 more to go.
   assert "4.0 min per evaluation; at least 10 more evaluations (~0.7 h)" in out, out
+
+
+def test_alone_jobs_run_a_compare_jobs_backbone_arm_only(tmp_path):
+  """JOB@alone: the compare job's dataset, config and folder, restricted to its three
+  backbone-alone runs (names as the sweep writes them); refused for jobs without that arm."""
+  script = os.path.join(ROOT, "benchmarks/device/run_jobs.sh")
+  functions = ('source <(sed -n "/^spec() {/,/^}/p;/^spec_of() {/,/^}/p" "$0"); '
+               'spec "$1" || echo refused')
+  spec = lambda job: subprocess.run(["bash", "-c", functions, script, job], check=True,
+                                    capture_output=True, text=True).stdout.split()
+  plain, alone = spec("beauty_bert4rec"), spec("beauty_bert4rec@alone")
+  assert alone[:4] == plain[:4] == ["beauty", "items", "configs/sracl/beauty.py:items,bert4rec,compare",
+                                    "6"]
+  assert alone[4] == "--only=" + ",".join(f"alpha=0.0_beta=0.0_seed={s}" for s in (2024, 2025, 2026))
+  assert spec("beauty_missing@alone") == ["refused"] and spec("no_such_job") == ["refused"]
+  # The names are the sweep's own (launch/sweep.py refuses unknown --only names).
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "launch/sweep.py"),
+                        f"--config={os.path.join(ROOT, alone[2].split(':')[0])}:"
+                        f"{alone[2].split(':')[1]}", f"--workdir={tmp_path}", "--print_commands",
+                        alone[4]], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+  assert [line.split("alpha=0.0_beta=0.0_seed=")[1][:4] for line in out.splitlines()] == [
+      "2024", "2025", "2026"]

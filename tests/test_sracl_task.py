@@ -112,23 +112,55 @@ def test_sracl_on_gru4rec_backbone(toy, tmp_path):
 
 
 def test_sracl_on_bert4rec_with_cloze_rec_term(toy, tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   root, path, _ = toy
-  spec = importlib.util.spec_from_file_location(
-      "b", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "bert4rec", "ml100k.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = sracl_config(root, path, rec_task="cloze")
-  c.model = mod.bert4rec_model()
-  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
+  c = _bert4rec_sracl_config(root, path)
   c.train.num_steps = 10
   c.train.eval_every_steps = 10
   results = loop.train_and_evaluate(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
   assert np.isfinite(rows[-1]["user_cl"]) and np.isfinite(rows[-1]["item_cl"])
   assert np.isfinite(results["test"]["NDCG@10"])
+
+
+def _bert4rec_sracl_config(root, path, **sracl):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "b", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "bert4rec", "ml100k.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = sracl_config(root, path, rec_task="cloze", **sracl)
+  c.model = mod.bert4rec_model()
+  c.model.hidden, c.model.inner, c.model.n_layers, c.model.vocab_pad_multiple = 16, 32, 1, 8
+  return c
+
+
+def test_sracl_cloze_rec_term_picks_its_scoring_outside_the_grad(toy, tmp_path):
+  """SRA-CL on BERT4Rec with length buckets: the train step chooses among four losses outside
+  the gradient (bucketed or per-pass contrastive passes x the cloze L_rec's gathered or dense
+  scoring, index = 2 * bucket choice + cloze choice). Gathered scoring (the planned budget) and
+  dense scoring (a budget of 8 rows: overflow) give one step (dropout off)."""
+  root, path, _ = toy
+  got = {}
+  for case in ("planned", "overflow"):
+    c = _bert4rec_sracl_config(root, path, synth_dropout=0.0, length_buckets=3)
+    c.model.dropout = c.model.attn_dropout = 0.0
+    exp = loop.build_experiment(c, workdir=str(tmp_path / case))
+    host = next(exp.iterator)
+    b, length = host["target_seq"].shape
+    assert exp.task.base.scoring_rows(b) < b * length
+    if case == "overflow":
+      exp.task.base._budgets[b] = 8  # pylint: disable=protected-access
+    index, losses = exp.task.select_loss(exp.task.host_batch(host), jax.random.key(0))
+    assert len(losses) == 4 and int(index) % 2 == (case == "overflow"), (case, int(index))
+    state, metrics = exp.train_step(exp.state, host)
+    got[case] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
+  assert got["planned"][1]["cloze_overflow"] == 0.0 and got["overflow"][1]["cloze_overflow"] == 1.0
+  np.testing.assert_allclose(got["planned"][1]["loss_sum"], got["overflow"][1]["loss_sum"],
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got["planned"][0]), jax.tree.leaves(got["overflow"][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("rec_task", ["next_item", "cloze"])

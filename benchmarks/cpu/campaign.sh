@@ -4,9 +4,10 @@
 #   bash benchmarks/cpu/campaign.sh --status      finished runs per job and the run in progress
 #   bash benchmarks/cpu/campaign.sh --pause       SIGSTOP the running campaign and its runs (to
 #   bash benchmarks/cpu/campaign.sh --continue    free the CPU for a CI check), then SIGCONT
-# Default jobs, in order (session 14: after Toys, the job the GPU plan leaves to a later draw, then
-# the cheapest complete table first): toys_compare beauty_bert4rec beauty_gru4rec beauty_missing
-# ml100k_compare beauty_faithful
+# Default jobs, in order (session 18, when a new machine had lost session 17's runs in progress:
+# first the backbone-alone arms, whose runs fit in a session, then the SRA-CL runs, which take
+# several): beauty_bert4rec@alone beauty_gru4rec@alone ml100k_compare@alone beauty_bert4rec
+# beauty_gru4rec beauty_missing ml100k_compare beauty_faithful (toys_compare is done)
 # (benchmarks/device/run_jobs.sh defines them: the same configs, kit and commands as on a GPU).
 # Runs live in $CPU_RUNS/<job> (default /work/runs), outside the checkout, and resume from their
 # last checkpoint when the same command is launched again; finished runs are skipped. A session
@@ -22,13 +23,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 RUNS="${CPU_RUNS:-/work/runs}"
-DEFAULT_JOBS=(toys_compare beauty_bert4rec beauty_gru4rec beauty_missing ml100k_compare
-              beauty_faithful)
+DEFAULT_JOBS=(beauty_bert4rec@alone beauty_gru4rec@alone ml100k_compare@alone beauty_bert4rec
+              beauty_gru4rec beauty_missing ml100k_compare beauty_faithful)
 mkdir -p "$RUNS"
 
 if [ "${1:-}" = "--status" ]; then
   shift
   for job in "${@:-${DEFAULT_JOBS[@]}}"; do
+    job=${job%@alone}
     [ -d "$RUNS/$job" ] || { echo "$job: not started"; continue; }
     done_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
     echo "$job: $done_runs runs finished"
@@ -103,12 +105,12 @@ for job in "${@:-${DEFAULT_JOBS[@]}}"; do
     echo "$(date -u +%FT%TZ) building the minilm kit"
     bash benchmarks/device/make_kit.sh minilm || exit 1
   fi
-  echo "$(date -u +%FT%TZ) $job: starting (or resuming) in $RUNS/$job"
+  echo "$(date -u +%FT%TZ) $job: starting (or resuming) in $RUNS/${job%@alone}"
   # No deadline: a run ends by early stopping, or when the session kills it (then it resumes).
   OUT="$RUNS/out_$job" DEVICE_RUNS="$RUNS" PARALLEL=1 ARCHIVE_DIR=benchmarks/results/runs/cpu \
     SEM_ROOT="$RUNS/kit" \
     bash benchmarks/device/run_jobs.sh 100000000 "$job"
-  n_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
+  n_runs=$(ls "$RUNS/${job%@alone}"/*/results.json 2> /dev/null | wc -l)
   echo "$(date -u +%FT%TZ) $job: $n_runs runs finished"
 done
 exit

@@ -9,6 +9,7 @@
 #   beauty_missing    the 3 Beauty ablation runs session 6 did not finish   (.kit/beauty)
 #   beauty_gru4rec    GRU4Rec vs GRU4Rec + SRA-CL on Beauty, 3 seeds        (.kit/beauty)
 #   beauty_bert4rec   BERT4Rec vs BERT4Rec + SRA-CL on Beauty, 3 seeds      (.kit/beauty)
+#   JOB@alone         a compare job's backbone-alone arm only (3 runs), in JOB's folder
 #   beauty_faithful   the faithful user mode on Beauty: one text per training prefix encoded
 #                     here (timed), then SRA-CL x 3 seeds on those tables   (.kit/minilm and
 #                     .kit/beauty/data on the first call; the tables stay in $DEVICE_RUNS)
@@ -45,8 +46,20 @@ if ! python3 -c "import ml_collections, scann, bm25s" 2> /dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 
-# job -> dataset, semantic mode, config, runs at once, extra sweep flags
+# job -> dataset, semantic mode, config, runs at once, extra sweep flags. JOB@alone (a compare
+# job) runs that job's backbone-alone arm only, in JOB's folder: 3 short runs that fit in one
+# session on the CPU, where the SRA-CL runs take several.
 spec() {
+  if [ "${1%@alone}" != "$1" ]; then
+    local ds mode config par only
+    read -r ds mode config par only <<< "$(spec_of "${1%@alone}")"
+    case "$config" in *compare*) ;; *) return 1 ;; esac
+    echo "$ds $mode $config $par --only=alpha=0.0_beta=0.0_seed=2024,alpha=0.0_beta=0.0_seed=2025,alpha=0.0_beta=0.0_seed=2026"
+  else
+    spec_of "$1"
+  fi
+}
+spec_of() {
   case "$1" in
     toys_compare)    echo "toys items configs/sracl/toys.py:items,compare 6" ;;
     ml100k_compare)  echo "ml100k user configs/sracl/ml100k.py:compare 6" ;;
@@ -71,10 +84,10 @@ deadline=$(( T0 + BUDGET - 45 ))  # 45 s kept for tabulating and packing
 # One job: its semantic tables (a slim copy's prefix embeddings rebuilt and checked bit for bit, or
 # the faithful per-prefix texts encoded here), then its sweep until the deadline.
 run_job() {
-  local job=$1 ds mode config par only sem
+  local job=$1 dir=${1%@alone} ds mode config par only sem
   read -r ds mode config par only <<< "$(spec "$job")"
   local data="$ROOT/.kit/$ds/data"
-  local args=(--config="$config" --workdir="$RUNS/$job"
+  local args=(--config="$config" --workdir="$RUNS/$dir"
               --parallel="${PARALLEL:-$(( par * PAR_SCALE ))}"
               --override=--config.data.path="$data"
               --override=--config.sracl.semantic.user_mode="$mode")
@@ -104,7 +117,7 @@ run_job() {
   fi
   args+=(--override=--config.sracl.semantic_dir="$sem")
   # Runs the committed archive holds as finished are copied back first (a new machine skips them).
-  [ -n "${ARCHIVE_DIR:-}" ] && args+=(--restore_finished_from="$ARCHIVE_DIR/$job")
+  [ -n "${ARCHIVE_DIR:-}" ] && args+=(--restore_finished_from="$ARCHIVE_DIR/$dir")
   [ -n "${only:-}" ] && args+=("$only")
   for x in ${SWEEP_EXTRA:-}; do args+=(--override="$x"); done
   echo "$job: python launch/sweep.py ${args[*]}" >> "$OUT/commands.txt"
@@ -127,11 +140,12 @@ for p in "${pids[@]}"; do wait "$p"; done
 
 for job in "$@"; do
   read -r ds mode config _ only <<< "$(spec "$job")"
-  python3 launch/sweep.py --config="$config" --workdir="$RUNS/$job" --tabulate_only \
-    ${only:+"$only"} ${ARCHIVE_DIR:+--archive="$ARCHIVE_DIR/$job"} > /dev/null 2>&1
-  n_done=$(ls "$RUNS/$job"/*/results.json 2>/dev/null | wc -l)
+  dir=${job%@alone}
+  python3 launch/sweep.py --config="$config" --workdir="$RUNS/$dir" --tabulate_only \
+    ${only:+"$only"} ${ARCHIVE_DIR:+--archive="$ARCHIVE_DIR/$dir"} > /dev/null 2>&1
+  n_done=$(ls "$RUNS/$dir"/*/results.json 2>/dev/null | wc -l)
   echo "== $job: $n_done runs finished"
-  [ -f "$RUNS/$job/sweep_seeds.md" ] && cat "$RUNS/$job/sweep_seeds.md"
+  [ -f "$RUNS/$dir/sweep_seeds.md" ] && cat "$RUNS/$dir/sweep_seeds.md"
   grep -h "runs not started\|failed\|Traceback\|Error" "$RUNS/$job"*.log | tail -3
 done | tee "$OUT/summary.txt"
 (cd "$RUNS" && tar czf "$OUT/results.tgz" --exclude='checkpoints' --exclude='*.npy' \
