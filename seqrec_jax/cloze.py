@@ -9,7 +9,7 @@ runs over every position; cross-entropy counts at the masked positions only.
 Only the masked positions are scored against the item table (the [N, V] output layer dominates
 the step): their hidden states are gathered into a static budget of rows.  `ClozeTask` plans it
 from the training windows' lengths (`planned_budget`: the masked count of a batch at its mean + 4
-standard deviations; on Beauty at batch 256 that is 704 rows where full windows would need 1,344,
+standard deviations; on Beauty at batch 256 that is 656 rows where full windows would need 1,344,
 `scoring_budget`).  A batch with more masked rows is scored densely, so the loss is exact either
 way.  The train step makes that choice outside the gradient (`ClozeTask.select_loss`): a
 `lax.cond` inside `jax.grad` runs both branches' residual bookkeeping, which cost as much as the
