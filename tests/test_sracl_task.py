@@ -137,14 +137,14 @@ def _bert4rec_sracl_config(root, path, **sracl):
 
 
 def test_sracl_cloze_rec_term_picks_its_scoring_outside_the_grad(toy, tmp_path):
-  """SRA-CL on BERT4Rec with length buckets: the train step chooses among four losses outside
-  the gradient (bucketed or per-pass contrastive passes x the cloze L_rec's gathered or dense
-  scoring, index = 2 * bucket choice + cloze choice). Gathered scoring (the planned budget) and
-  dense scoring (a budget of 8 rows: overflow) give one step (dropout off)."""
+  """SRA-CL on BERT4Rec: the train step picks the cloze L_rec's gathered or dense scoring outside
+  the gradient. Gathered scoring (the planned budget) and dense scoring (a budget of 8 rows:
+  overflow) give one step (dropout off). With length buckets the two choices combine into four
+  losses, index = 2 * bucket choice + cloze choice (checked without compiling them)."""
   root, path, _ = toy
   got = {}
   for case in ("planned", "overflow"):
-    c = _bert4rec_sracl_config(root, path, synth_dropout=0.0, length_buckets=3)
+    c = _bert4rec_sracl_config(root, path, synth_dropout=0.0, length_buckets=0)
     c.model.dropout = c.model.attn_dropout = 0.0
     exp = loop.build_experiment(c, workdir=str(tmp_path / case))
     host = next(exp.iterator)
@@ -153,9 +153,23 @@ def test_sracl_cloze_rec_term_picks_its_scoring_outside_the_grad(toy, tmp_path):
     if case == "overflow":
       exp.task.base._budgets[b] = 8  # pylint: disable=protected-access
     index, losses = exp.task.select_loss(exp.task.host_batch(host), jax.random.key(0))
-    assert len(losses) == 4 and int(index) % 2 == (case == "overflow"), (case, int(index))
+    assert len(losses) == 2 and int(index) == (case == "overflow"), (case, int(index))
     state, metrics = exp.train_step(exp.state, host)
     got[case] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
+    # The same task with length buckets: four losses, for a plan every batch fits (one width,
+    # the full one) and for one this batch cannot fit (all but one row at width 1).
+    from seqrec_jax import buckets  # pylint: disable=g-import-not-at-top
+    exp.task.length_buckets = 3
+    rows = exp.task.bucket_plan(b).rows
+    for plan, bucket_choice in ((buckets.Plan((length,), (rows,)), 0),
+                                (buckets.Plan((1, length), (rows - 1, 1)), 1)):
+      exp.task._plans[b] = plan  # pylint: disable=protected-access
+      index, losses = exp.task.select_loss(exp.task.host_batch(host), jax.random.key(0))
+      assert len(losses) == 4 and int(index) == 2 * bucket_choice + (case == "overflow"), (
+          case, plan, int(index))
+      assert [(l.keywords["mode"], l.keywords["rec_mode"]) for l in losses] == [
+          ("bucketed", "gathered"), ("bucketed", "dense"), ("passes", "gathered"),
+          ("passes", "dense")]
   assert got["planned"][1]["cloze_overflow"] == 0.0 and got["overflow"][1]["cloze_overflow"] == 1.0
   np.testing.assert_allclose(got["planned"][1]["loss_sum"], got["overflow"][1]["loss_sum"],
                              rtol=1e-5)
