@@ -29,8 +29,11 @@ mkdir -p "$RUNS"
 
 if [ "${1:-}" = "--status" ]; then
   shift
+  seen=" "
   for job in "${@:-${DEFAULT_JOBS[@]}}"; do
     job=${job%@alone}
+    case "$seen" in *" $job "*) continue ;; esac  # JOB@alone and JOB share one folder
+    seen="$seen$job "
     [ -d "$RUNS/$job" ] || { echo "$job: not started"; continue; }
     done_runs=$(ls "$RUNS/$job"/*/results.json 2> /dev/null | wc -l)
     echo "$job: $done_runs runs finished"
