@@ -45,13 +45,11 @@ def _score(module, hidden):
 
 
 def scoring_budget(batch: int, length: int, mask_prob: float) -> int:
-  """Rows scored per batch: the masked count of `batch` full-length sequences (the last position
-  always, each other one with probability `mask_prob`) at its mean + 4 standard deviations,
-  rounded up to a multiple of 8 and capped at batch * length."""
-  n = batch * (length - 1)
-  mean = batch + n * mask_prob
-  std = math.sqrt(n * mask_prob * (1.0 - mask_prob))
-  return min(batch * length, int(math.ceil((mean + 4.0 * std + 1.0) / 8.0)) * 8)
+  """Rows scored per batch when every window is full (`planned_budget` of full windows): the
+  masked count of `batch` full-length sequences (the last position always, each other one with
+  probability `mask_prob`) at its mean + 4 standard deviations, rounded up to a multiple of 8
+  and capped at batch * length."""
+  return planned_budget([length], batch, length, mask_prob)
 
 
 def planned_budget(spans: Sequence[int], batch: int, length: int, mask_prob: float,
@@ -71,9 +69,15 @@ def planned_budget(spans: Sequence[int], batch: int, length: int, mask_prob: flo
   return min(batch * length, int(math.ceil((mean + n_std * math.sqrt(var) + 1.0) / 8.0)) * 8)
 
 
+def _draw_mask(target_seq: jax.Array, rng: jax.Array, mask_prob: float):
+  """`cloze_loss`'s use of its key: (the mask drawn from its first half, the dropout key)."""
+  mask_rng, dropout_rng = jax.random.split(rng)
+  return cloze_mask(target_seq, mask_rng, mask_prob), dropout_rng
+
+
 def masked_row_count(batch: Dict[str, jax.Array], rng: jax.Array, mask_prob: float) -> jax.Array:
   """The rows `cloze_loss(..., rng)` scores: masked positions of positive-weight examples."""
-  masked = cloze_mask(batch["target_seq"], jax.random.split(rng)[0], mask_prob)  # [B, L]
+  masked, _ = _draw_mask(batch["target_seq"], rng, mask_prob)  # [B, L]
   return jnp.sum(masked & (batch["weights"][:, None] > 0))
 
 
@@ -117,10 +121,9 @@ def cloze_loss(backbone_params: Any, batch: Dict[str, jax.Array], rng: jax.Array
   Returns:
     (sum of weighted CE over masked positions, sum of their weights, masked [B, L] bool).
   """
-  mask_rng, dropout_rng = jax.random.split(rng)
   targets = batch["target_seq"]  # [B, L]
   b, l = targets.shape
-  masked = cloze_mask(targets, mask_rng, mask_prob)  # [B, L]
+  masked, dropout_rng = _draw_mask(targets, rng, mask_prob)  # [B, L]
   inputs = jnp.where(masked, jnp.asarray(mask_id, targets.dtype), targets)  # [B, L]
   hidden = model.apply({"params": backbone_params}, inputs, train, rngs={"dropout": dropout_rng},
                        method=_encode)  # [B, L, D]
@@ -201,10 +204,11 @@ class ClozeTask(tasks.NextItemTask):
                                               mask_id=self.mask_id, mask_prob=self.mask_prob,
                                               budget=budget, mode=mode)
     real = (batch["target_seq"] > 0) & (batch["weights"][:, None] > 0)  # [B, L]
-    masked_fraction = jnp.sum(masked & real) / jnp.maximum(jnp.sum(real), 1)
+    n_scored = jnp.sum(masked & real)
+    masked_fraction = n_scored / jnp.maximum(jnp.sum(real), 1)
     metrics = {"masked_fraction": masked_fraction.astype(jnp.float32)}
     if budget < b * self.max_len:
-      over = jnp.sum(masked & real) > budget if mode == "cond" else jnp.asarray(mode == "dense")
+      over = n_scored > budget if mode == "cond" else jnp.asarray(mode == "dense")
       metrics["cloze_overflow"] = over.astype(jnp.float32)
     return loss_sum, weight_sum, metrics
 

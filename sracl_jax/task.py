@@ -300,7 +300,7 @@ class SRACLTask:
       bucket_index = jnp.where(buckets.fits(self._rows_need(batch), plan), 0, 1)
     rec_modes, rec_index = (None,), jnp.zeros((), jnp.int32)
     if rng is not None and hasattr(self.base, "select_mode"):
-      chosen = self.base.select_mode(batch, jax.random.split(rng, 7)[0])  # `_loss`'s rngs[0]
+      chosen = self.base.select_mode(batch, _loss_keys(rng)[0])  # L_rec's key in `_loss`
       if chosen is not None:
         rec_index, rec_modes = chosen
     if len(bucket_modes) == 1 and len(rec_modes) == 1:
@@ -319,7 +319,7 @@ class SRACLTask:
 
   def _loss(self, params, batch, consts, rng, *, mode: str, rec_mode: Optional[str] = None):
     cfg = self.cfg
-    rngs = jax.random.split(rng, 7)
+    rngs = _loss_keys(rng)
     backbone = params["backbone"]
     weights = batch["weights"]
     metrics = {}
@@ -396,6 +396,12 @@ class SRACLTask:
       metrics["item_cl"] = item_cl
     # The loop divides by weight_sum: hand it total * weight_sum.
     return total * weight_sum, weight_sum, metrics
+
+
+def _loss_keys(rng: jax.Array) -> jax.Array:
+  """The 7 keys of `SRACLTask._loss`: L_rec, the prefix, the neighbours, the synthesizer's
+  dropout, the two views' substitutions, their encoder passes."""
+  return jax.random.split(rng, 7)
 
 
 tasks.register("sracl", SRACLTask)
