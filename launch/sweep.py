@@ -37,6 +37,7 @@ the swept value.  Throughput vs batch size, and vs device count over fake CPU de
 
 import contextlib
 import csv
+import fnmatch
 import importlib.util
 import inspect
 import json
@@ -76,7 +77,9 @@ _PARALLEL = flags.DEFINE_integer(
     "memory preallocation is switched off (XLA_PYTHON_CLIENT_PREALLOCATE=false) unless set.")
 _ONLY = flags.DEFINE_list(
     "only", [], "Run only these runs of the sweep (names as in sweep.csv, e.g. "
-    "synthesizer=mean_seed=2024); the others start nothing, and finished ones are still tabulated.")
+    "synthesizer=mean_seed=2024, or shell-style patterns, e.g. 'alpha=0.0_beta=0.0_seed=*'); the "
+    "others start nothing, and finished ones are still tabulated. A name or pattern that matches "
+    "no run of the sweep is an error.")
 _TABULATE = flags.DEFINE_bool("tabulate_only", False,
                               "Start nothing: tabulate and plot the runs that have finished.")
 _ARCHIVE = flags.DEFINE_string(
@@ -139,6 +142,22 @@ def run_name(overrides: Dict[str, Any]) -> str:
   """'alpha=0.1_beta=0.05' from {'sracl.alpha': 0.1, 'sracl.beta': 0.05}."""
   parts = [f"{k.split('.')[-1]}={_ref(v) or v}" for k, v in overrides.items()]
   return re.sub(r"[^A-Za-z0-9=._-]", "-", "_".join(parts)) or "default"
+
+
+def select_runs(patterns: List[str], names: List[str]) -> List[str]:
+  """The run names that `--only` selects, in sweep order (all of them when `patterns` is empty).
+
+  Each entry is a run name or a shell-style pattern (`fnmatch`: `*`, `?`, `[...]`); run names use
+  only `[A-Za-z0-9=._-]`, so an entry with a pattern character is never a name itself.  An entry
+  that matches no run raises `app.UsageError`, naming it and listing the sweep's runs.
+  """
+  if not patterns:
+    return list(names)
+  unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+  if unmatched:
+    raise app.UsageError(f"--only names runs that are not in the sweep: {unmatched}; its runs: "
+                         f"{names}")
+  return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def train_command(config_arg: str, workdir: str, overrides: Dict[str, Any], extra) -> List[str]:
@@ -677,11 +696,7 @@ def main(argv):
     commands = [(o, train_command(_CONFIG.value, os.path.join(workdir, run_name(o)), o,
                                   _EXTRA.value)) for o in sweep]
   names = [run_name(o) for o in sweep]
-  unknown = sorted(set(_ONLY.value) - set(names))
-  if unknown:
-    raise app.UsageError(f"--only names runs that are not in the sweep: {unknown}; its runs: "
-                         f"{names}")
-  only = set(_ONLY.value or names)
+  only = set(select_runs(_ONLY.value, names))
   if _PRINT.value:
     for o, cmd in commands:
       if run_name(o) not in only:

@@ -53,6 +53,11 @@ def test_only_runs_the_named_runs_and_rejects_unknown_names(tmp_path):
   printed = subprocess.run(cmd + ["--only=lr=0.003", "--print_commands"], capture_output=True,
                            text=True, env=env, timeout=600)
   assert printed.stdout.count("launch/train.py") == 1 and "optim.lr=0.003" in printed.stdout
+  printed = subprocess.run(cmd + ["--only=lr=0.00*", "--print_commands"], capture_output=True,
+                           text=True, env=env, timeout=600)
+  assert printed.returncode == 0, printed.stderr[-3000:]
+  assert [line.split("optim.lr=")[1].split()[0] for line in printed.stdout.splitlines()] == [
+      "0.001", "0.003"]
   run = subprocess.run(cmd + ["--only=lr=0.003"], capture_output=True, text=True, env=env,
                        timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -61,6 +66,21 @@ def test_only_runs_the_named_runs_and_rejects_unknown_names(tmp_path):
     rows = {r["run"]: r for r in csv.DictReader(f)}
   assert float(rows["lr=0.003"]["test NDCG@10"]) >= 0
   assert rows["lr=0.001"]["test NDCG@10"] == rows["lr=0.01"]["test NDCG@10"] == ""
+
+
+def test_only_takes_shell_patterns_in_sweep_order():
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import sweep  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  names = [sweep.run_name(o) for o in
+           [{"seed": s} for s in (1, 2)] + [{"sracl.alpha": 0.0, "sracl.beta": 0.0, "seed": s}
+                                            for s in (1, 2, 10)]]
+  assert sweep.select_runs([], names) == names
+  assert sweep.select_runs(["alpha=0.0_beta=0.0_seed=*"], names) == names[2:]
+  assert sweep.select_runs(["alpha=0.0_beta=0.0_seed=?", "seed=2"], names) == [names[1]] + names[2:4]
+  assert sweep.select_runs(["seed=[12]", "seed=1"], names) == names[:2]
+  with pytest.raises(app.UsageError, match=r"\['alpha=1\*'\]"):
+    sweep.select_runs(["seed=1", "alpha=1*"], names)
 
 
 def test_benchmark_mode_tabulates_speed_over_device_counts(tmp_path):

@@ -9,7 +9,7 @@
 #   beauty_missing    the 3 Beauty ablation runs session 6 did not finish   (.kit/beauty)
 #   beauty_gru4rec    GRU4Rec vs GRU4Rec + SRA-CL on Beauty, 3 seeds        (.kit/beauty)
 #   beauty_bert4rec   BERT4Rec vs BERT4Rec + SRA-CL on Beauty, 3 seeds      (.kit/beauty)
-#   JOB@alone         a compare job's backbone-alone arm only (3 runs), in JOB's folder
+#   JOB@alone         a compare job's backbone-alone arm only (its seeds), in JOB's folder
 #   beauty_faithful   the faithful user mode on Beauty: one text per training prefix encoded
 #                     here (timed), then SRA-CL x 3 seeds on those tables   (.kit/minilm and
 #                     .kit/beauty/data on the first call; the tables stay in $DEVICE_RUNS)
@@ -54,7 +54,8 @@ spec() {
     local ds mode config par only
     read -r ds mode config par only <<< "$(spec_of "${1%@alone}")"
     case "$config" in *compare*) ;; *) return 1 ;; esac
-    echo "$ds $mode $config $par --only=alpha=0.0_beta=0.0_seed=2024,alpha=0.0_beta=0.0_seed=2025,alpha=0.0_beta=0.0_seed=2026"
+    # Every seed of the arm, whichever seeds the config's sweep lists (a pattern: always quoted).
+    echo "$ds $mode $config $par --only=alpha=0.0_beta=0.0_seed=*"
   else
     spec_of "$1"
   fi

@@ -51,6 +51,10 @@ METRICS = ("cosine", "dot")
 METHODS = ("auto", "exact", "scann")
 SCANN_INITS = ann.TREE_INITS  # ScaNN tree centre initialisation (see the module doc)
 _CACHE_VERSION = 1
+# How exact search breaks ties at the k-th place (`ann.topk_rows`: the lowest indices, since
+# session 14; `np.argpartition`'s arbitrary pick before).  It enters exact entries' cache key, so
+# an entry written under an earlier rule is a miss and is searched again, never loaded.
+_EXACT_TIE_RULE = "lowest_index"
 _CHECK_ROWS = 65536  # rows per block when checking finiteness / normalising
 
 # Keyword arguments of `nearest_neighbours` that `cached_neighbours` accepts; those that change the
@@ -392,8 +396,8 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
   """`nearest_neighbours` with an on-disk cache keyed by the embeddings and the parameters.
 
   The key hashes the float32 bytes and shapes of `queries` and `database`, k, and the resolved
-  parameters that change the result (exclude_self, metric, back end, and for ScaNN num_leaves,
-  num_leaves_to_search, reorder, init, recall_sample, seed).  An entry is a directory
+  parameters that change the result (exclude_self, metric, back end; for ScaNN num_leaves,
+  num_leaves_to_search, reorder, init, recall_sample, seed; for exact search its tie rule).  An entry is a directory
   `<cache_dir>/nn-<key>/` with `indices.npy`, `scores.npy` and `stats.json`, written to a
   temporary directory and renamed, so a killed run never leaves a partial entry.
 
@@ -428,6 +432,8 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
                     metric=opts["metric"])
   if resolved["method"] == "scann":
     key_params.update(recall_sample=int(opts["recall_sample"]), seed=int(opts["seed"]))
+  elif _EXACT_TIE_RULE:
+    key_params.update(ties=_EXACT_TIE_RULE)
   db_digest = _digest(db)
   q_digest = db_digest if q is db else _digest(q)
   key = _digest(q_digest, db_digest, key_params)
