@@ -55,10 +55,17 @@ def _results(workdir):
     return json.load(f)
 
 
-def test_two_processes_match_one_process(cfg, tmp_path):
-  _launch(cfg, str(tmp_path / "one"), 1, 8)
+@pytest.fixture(scope="module")
+def one_process(cfg, tmp_path_factory):
+  """The whole run in 1 process x 8 devices: the reference of both tests below."""
+  workdir = str(tmp_path_factory.mktemp("one"))
+  _launch(cfg, workdir, 1, 8)
+  return _results(workdir)
+
+
+def test_two_processes_match_one_process(cfg, one_process, tmp_path):
   _launch(cfg, str(tmp_path / "two"), 2, 4)
-  one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
+  one, two = one_process, _results(tmp_path / "two")
   assert two["processes"] == 2 and two["devices"] == 8 and one["processes"] == 1
   for k, v in one["test"].items():
     assert two["test"][k] == pytest.approx(v, abs=0.02), k
@@ -67,15 +74,13 @@ def test_two_processes_match_one_process(cfg, tmp_path):
   assert [r["step"] for r in rows if r["split"] == "valid"] == [10, 20, 30]
 
 
-def test_checkpoint_resumes_across_process_counts(cfg, tmp_path):
+def test_checkpoint_resumes_across_process_counts(cfg, one_process, tmp_path):
   _launch(cfg, str(tmp_path / "a"), 2, 4, ["--config.train.stop_at_step=15"])
   _launch(cfg, str(tmp_path / "a"), 1, 8)  # 2-process checkpoint -> 1 process
   _launch(cfg, str(tmp_path / "b"), 1, 8, ["--config.train.stop_at_step=15"])
   _launch(cfg, str(tmp_path / "b"), 2, 4)  # 1-process checkpoint -> 2 processes
-  straight = str(tmp_path / "c")
-  _launch(cfg, straight, 1, 8)
-  for wd in ("a", "b"):
-    for k, v in _results(straight)["test"].items():
+  for wd in ("a", "b"):  # both as the straight run
+    for k, v in one_process["test"].items():
       assert _results(tmp_path / wd)["test"][k] == pytest.approx(v, abs=0.02), (wd, k)
 
 
