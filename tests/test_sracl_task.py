@@ -366,24 +366,35 @@ def test_length_buckets_give_the_same_gradients(toy, tmp_path):
 
 
 def test_train_step_selects_the_bucketed_gradient_outside_the_grad(toy, tmp_path):
-  """The shared train step asks the task which loss to differentiate (`select_loss`): with the
-  batch fitting the plan, the bucketed one; with a plan too small, the per-pass one. One step
-  from the same state gives the same parameters as the per-pass step either way (dropout off)."""
+  """The shared train step asks the task which loss to differentiate (`select_loss`). Under one
+  plan (batch A's own widths), batch A fits and takes the bucketed gradient, and a batch B with
+  more long rows takes the per-pass one. Either step from the same state gives the parameters of
+  the per-pass step (length buckets off; dropout off). One compiled step serves both batches."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   root, path, _ = toy
-  got = {}
-  for n in (0, 4, "overflow"):
-    c = _deterministic_config(root, path, n)
-    exp = loop.build_experiment(c, workdir=str(tmp_path / str(n)))
-    host = next(exp.iterator)
-    _set_plan(exp.task, exp.task.host_batch(host), c, n)
-    state, metrics = exp.train_step(exp.state, host)
-    got[n] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
-  assert "bucket_overflow" not in got[0][1]
-  assert got[4][1]["bucket_overflow"] == 0.0 and got["overflow"][1]["bucket_overflow"] == 1.0
-  for n in (4, "overflow"):
-    np.testing.assert_allclose(got[n][1]["loss_sum"], got[0][1]["loss_sum"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got[n][0]), jax.tree.leaves(got[0][0])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  ref = loop.build_experiment(_deterministic_config(root, path, 0), workdir=str(tmp_path / "0"))
+  c = _deterministic_config(root, path, 4)
+  exp = loop.build_experiment(c, workdir=str(tmp_path / "4"))
+  hosts = [next(exp.iterator) for _ in range(8)]
+
+  def choice(host):
+    return int(exp.task.select_loss(exp.task.host_batch(host))[0])
+  for a in hosts:  # batch A: one whose exact plan another batch of the eight overflows
+    _set_plan(exp.task, exp.task.host_batch(a), c, 4)
+    over = [h for h in hosts if choice(h) == 1]
+    if over:
+      break
+  assert over, "each of the 8 batches' plans fits all 8 batches"
+  assert choice(a) == 0
+  for name, host in (("fits", a), ("overflow", over[0])):
+    want_state, want = ref.train_step(jax.tree.map(jnp.copy, ref.state), host)
+    state, got = exp.train_step(jax.tree.map(jnp.copy, exp.state), host)
+    assert "bucket_overflow" not in want
+    assert float(got["bucket_overflow"]) == (name == "overflow"), name
+    np.testing.assert_allclose(float(got["loss_sum"]), float(want["loss_sum"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                    jax.tree.leaves(jax.device_get(want_state.params))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_length_buckets_auto_and_bad_value(toy, tmp_path):
