@@ -323,46 +323,49 @@ def _plan_from_the_batch(task, batch, c):
 
 
 def _deterministic_config(root, path, n):
-  """Dropout off everywhere; length buckets n (0 = per pass; "overflow" = 4, plan replaced)."""
-  c = sracl_config(root, path, synth_dropout=0.0, length_buckets=4 if n == "overflow" else n)
+  """Dropout off everywhere; length buckets n (0 = per pass)."""
+  c = sracl_config(root, path, synth_dropout=0.0, length_buckets=n)
   c.model.dropout = 0.0
   c.model.attn_dropout = 0.0
   return c
 
 
-def _set_plan(task, batch, c, n):
-  """n=4: a plan this batch fits; "overflow": every row planned at width 1 (it cannot fit)."""
-  from seqrec_jax import buckets  # pylint: disable=g-import-not-at-top
-  b = batch["inputs"].shape[0]
-  if n == 4:
-    _plan_from_the_batch(task, batch, c)
-  if n == "overflow":
-    rows = task.bucket_plan(b).rows
-    task._plans[b] = buckets.Plan((1, c.data.max_len), (rows - 1, 1))  # pylint: disable=protected-access
-
-
 def test_length_buckets_give_the_same_gradients(toy, tmp_path):
   """Dropout off: the bucketed loss (`task.loss`, which checks the plan with a differentiated
-  lax.cond) has the per-pass loss's value and gradients, and so does a plan too small for the
-  batch (the full-width fallback, flagged)."""
+  lax.cond) has the per-pass loss's value and gradients, both for a batch that fits the plan and
+  for one too long for it (the full-width fallback, flagged). One plan, one compile, two batches."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   root, path, _ = toy
-  got = {}
-  for n in (0, 4, "overflow"):
-    c = _deterministic_config(root, path, n)
-    task, params, batch = _task_params_batch(c, tmp_path / str(n))
-    _set_plan(task, batch, c, n)
-    consts = {k: jnp.asarray(v) for k, v in task.consts.items()}
-    def f(p):
-      total, w, m = task.loss(p, batch, consts, jax.random.key(3))
+  c = _deterministic_config(root, path, 4)
+  exp = loop.build_experiment(c, workdir=str(tmp_path / "4"))
+  ref, params, _ = _task_params_batch(_deterministic_config(root, path, 0), tmp_path / "0")
+  task = exp.task
+  batches = []
+  for _ in range(8):
+    host = task.host_batch(next(exp.iterator))
+    batches.append({k: jnp.asarray(host[k]) for k in task.train_fields})
+  for a in batches:  # a plan from one batch's own widths that another batch overflows
+    _plan_from_the_batch(task, a, c)
+    over = [b for b in batches if int(task.select_loss(b)[0]) == 1]
+    if over:
+      break
+  assert over, "each of the 8 batches' plans fits all 8 batches"
+
+  def value_and_grads(t):
+    consts = {k: jnp.asarray(v) for k, v in t.consts.items()}
+    def f(p, batch):
+      total, w, m = t.loss(p, batch, consts, jax.random.key(3))
       return total / w, m
-    (value, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-    got[n] = (float(value), grads, float(metrics.get("bucket_overflow", -1.0)))
-  assert got[0][2] == -1.0 and got[4][2] == 0.0 and got["overflow"][2] == 1.0
-  for n in (4, "overflow"):
-    np.testing.assert_allclose(got[n][0], got[0][0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got[n][1]), jax.tree.leaves(got[0][1])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+  ours, theirs = value_and_grads(task), value_and_grads(ref)
+  for name, batch in (("fits", a), ("overflow", over[0])):
+    (value, metrics), grads = ours(params, batch)
+    (want, want_metrics), want_grads = theirs(params, batch)
+    assert "bucket_overflow" not in want_metrics
+    assert float(metrics["bucket_overflow"]) == (name == "overflow"), name
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-5, err_msg=name)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_train_step_selects_the_bucketed_gradient_outside_the_grad(toy, tmp_path):
@@ -380,7 +383,7 @@ def test_train_step_selects_the_bucketed_gradient_outside_the_grad(toy, tmp_path
   def choice(host):
     return int(exp.task.select_loss(exp.task.host_batch(host))[0])
   for a in hosts:  # batch A: one whose exact plan another batch of the eight overflows
-    _set_plan(exp.task, exp.task.host_batch(a), c, 4)
+    _plan_from_the_batch(exp.task, exp.task.host_batch(a), c)
     over = [h for h in hosts if choice(h) == 1]
     if over:
       break
