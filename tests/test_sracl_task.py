@@ -322,6 +322,19 @@ def _plan_from_the_batch(task, batch, c):
   task._plans[b] = plan  # pylint: disable=protected-access
 
 
+def _plan_one_batch_overflows(task, batches, c):
+  """Plans one batch's own widths such that another of `batches` (task batches) overflows the
+  plan; returns (index of the batch that fits, index of the first that does not). One plan, so
+  one compiled program takes both the bucketed and the per-pass branch."""
+  for fits, batch in enumerate(batches):
+    _plan_from_the_batch(task, batch, c)
+    choices = [int(task.select_loss(b)[0]) for b in batches]
+    if 1 in choices:
+      assert choices[fits] == 0
+      return fits, choices.index(1)
+  raise AssertionError(f"each of the {len(batches)} batches' plans fits all of them")
+
+
 def _deterministic_config(root, path, n):
   """Dropout off everywhere; length buckets n (0 = per pass)."""
   c = sracl_config(root, path, synth_dropout=0.0, length_buckets=n)
@@ -344,12 +357,7 @@ def test_length_buckets_give_the_same_gradients(toy, tmp_path):
   for _ in range(8):
     host = task.host_batch(next(exp.iterator))
     batches.append({k: jnp.asarray(host[k]) for k in task.train_fields})
-  for a in batches:  # a plan from one batch's own widths that another batch overflows
-    _plan_from_the_batch(task, a, c)
-    over = [b for b in batches if int(task.select_loss(b)[0]) == 1]
-    if over:
-      break
-  assert over, "each of the 8 batches' plans fits all 8 batches"
+  fits, over = _plan_one_batch_overflows(task, batches, c)
 
   def value_and_grads(t):
     consts = {k: jnp.asarray(v) for k, v in t.consts.items()}
@@ -358,9 +366,9 @@ def test_length_buckets_give_the_same_gradients(toy, tmp_path):
       return total / w, m
     return jax.jit(jax.value_and_grad(f, has_aux=True))
   ours, theirs = value_and_grads(task), value_and_grads(ref)
-  for name, batch in (("fits", a), ("overflow", over[0])):
-    (value, metrics), grads = ours(params, batch)
-    (want, want_metrics), want_grads = theirs(params, batch)
+  for name, i in (("fits", fits), ("overflow", over)):
+    (value, metrics), grads = ours(params, batches[i])
+    (want, want_metrics), want_grads = theirs(params, batches[i])
     assert "bucket_overflow" not in want_metrics
     assert float(metrics["bucket_overflow"]) == (name == "overflow"), name
     np.testing.assert_allclose(float(value), float(want), rtol=1e-5, err_msg=name)
@@ -379,19 +387,10 @@ def test_train_step_selects_the_bucketed_gradient_outside_the_grad(toy, tmp_path
   c = _deterministic_config(root, path, 4)
   exp = loop.build_experiment(c, workdir=str(tmp_path / "4"))
   hosts = [next(exp.iterator) for _ in range(8)]
-
-  def choice(host):
-    return int(exp.task.select_loss(exp.task.host_batch(host))[0])
-  for a in hosts:  # batch A: one whose exact plan another batch of the eight overflows
-    _plan_from_the_batch(exp.task, exp.task.host_batch(a), c)
-    over = [h for h in hosts if choice(h) == 1]
-    if over:
-      break
-  assert over, "each of the 8 batches' plans fits all 8 batches"
-  assert choice(a) == 0
-  for name, host in (("fits", a), ("overflow", over[0])):
-    want_state, want = ref.train_step(jax.tree.map(jnp.copy, ref.state), host)
-    state, got = exp.train_step(jax.tree.map(jnp.copy, exp.state), host)
+  fits, over = _plan_one_batch_overflows(exp.task, [exp.task.host_batch(h) for h in hosts], c)
+  for name, i in (("fits", fits), ("overflow", over)):
+    want_state, want = ref.train_step(jax.tree.map(jnp.copy, ref.state), hosts[i])
+    state, got = exp.train_step(jax.tree.map(jnp.copy, exp.state), hosts[i])
     assert "bucket_overflow" not in want
     assert float(got["bucket_overflow"]) == (name == "overflow"), name
     np.testing.assert_allclose(float(got["loss_sum"]), float(want["loss_sum"]), rtol=1e-5)

@@ -397,9 +397,10 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
 
   The key hashes the float32 bytes and shapes of `queries` and `database`, k, and the resolved
   parameters that change the result (exclude_self, metric, back end; for ScaNN num_leaves,
-  num_leaves_to_search, reorder, init, recall_sample, seed; for exact search its tie rule).  An entry is a directory
-  `<cache_dir>/nn-<key>/` with `indices.npy`, `scores.npy` and `stats.json`, written to a
-  temporary directory and renamed, so a killed run never leaves a partial entry.
+  num_leaves_to_search, reorder, init, recall_sample, seed; for exact search its tie rule).  An
+  entry is a directory `<cache_dir>/nn-<key>/` with `indices.npy`, `scores.npy` and
+  `stats.json`, written to a temporary directory and renamed, so a killed run never leaves a
+  partial entry.
 
   Args:
     cache_dir: directory of the cache (created if missing).
@@ -432,7 +433,7 @@ def cached_neighbours(cache_dir: str, queries: Any, database: Any, k: int, *,
                     metric=opts["metric"])
   if resolved["method"] == "scann":
     key_params.update(recall_sample=int(opts["recall_sample"]), seed=int(opts["seed"]))
-  elif _EXACT_TIE_RULE:
+  else:
     key_params.update(ties=_EXACT_TIE_RULE)
   db_digest = _digest(db)
   q_digest = db_digest if q is db else _digest(q)
